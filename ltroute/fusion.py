@@ -1,0 +1,271 @@
+"""Fusion of expert logits: energies, confidence weights and combined probabilities.
+
+One contract serves every estimator (see ``fuse_experts``):
+
+* energy ``E[b, k] = -T * logsumexp_{c in S_k}(Z[b, k, c] / T)``;
+* weights ``W = softmax_k(-E / tau)`` over the active experts (``weighting="energy"``)
+  or equal over the active experts (``weighting="uniform"``);
+* ``combine="prob"``: ``P = sum_k W[b, k] * softmax_{c in S_k}(Z[b, k, :])`` (DQRoute);
+  ``combine="logit"``: ``P = softmax_c(sum_k W[b, k] * M[k, c] * Z[b, k, c])`` (RIDE).
+
+This module holds the PyTorch reference implementation (the CPU path and the oracle
+for the Triton kernel) and the ``fuse_experts`` dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["FusionResult", "fuse_experts", "fuse_experts_reference"]
+
+_WEIGHTINGS = ("energy", "uniform")
+_COMBINES = ("prob", "logit")
+_BACKENDS = ("auto", "torch")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class FusionResult(NamedTuple):
+    """Outputs of :func:`fuse_experts`.
+
+    Attributes
+    ----------
+    probs : torch.Tensor of shape (B, C)
+        Fused class probabilities; each row sums to one.
+    energy : torch.Tensor of shape (B, K)
+        Region energy of every expert (computed for inactive experts too).
+    weights : torch.Tensor of shape (B, K)
+        Combination weights; zero for inactive experts, each row sums to one.
+    log_probs : torch.Tensor of shape (B, C) or None
+        ``log(probs)`` computed stably (``-inf`` where a class has probability zero);
+        ``None`` unless ``return_log_probs=True``.
+    """
+
+    probs: torch.Tensor
+    energy: torch.Tensor
+    weights: torch.Tensor
+    log_probs: torch.Tensor | None
+
+
+def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log(sum(exp(x) * mask))`` along ``dim``: ``-inf`` (with zero gradient) when empty.
+
+    The double ``where`` keeps gradients finite for fully masked slices, where
+    ``torch.logsumexp`` of an all ``-inf`` slice would back-propagate NaN.
+    """
+    filled = x.masked_fill(~mask, float("-inf"))
+    row_max = filled.amax(dim=dim, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    total = (torch.exp(filled - row_max)).sum(dim=dim, keepdim=True)
+    has_mass = total > 0
+    safe_total = torch.where(has_mass, total, torch.ones_like(total))
+    empty = torch.full_like(total, -torch.inf)
+    out = torch.where(has_mass, torch.log(safe_total) + row_max, empty)
+    return out.squeeze(dim)
+
+
+def fuse_experts_reference(
+    Z: torch.Tensor,
+    *,
+    region_mask: torch.Tensor | None = None,
+    sample_mask: torch.Tensor | None = None,
+    weighting: str = "energy",
+    combine: str = "prob",
+    energy_temperature: float = 1.0,
+    routing_temperature: float = 1.0,
+    return_log_probs: bool = False,
+) -> FusionResult:
+    """Pure-PyTorch fusion of expert logits (no input validation; see :func:`fuse_experts`).
+
+    Computes in float32 (float64 inputs stay float64, which makes this an fp64 oracle).
+    Differentiable in ``Z`` through ordinary autograd.
+    """
+    compute_dtype = torch.float64 if Z.dtype == torch.float64 else torch.float32
+    z = Z.to(compute_dtype)
+    n_samples, n_experts, n_classes = z.shape
+    if region_mask is None:
+        region = torch.ones(n_experts, n_classes, dtype=torch.bool, device=z.device)
+    else:
+        region = region_mask.to(device=z.device, dtype=torch.bool)
+    if sample_mask is None:
+        active = torch.ones(n_samples, n_experts, dtype=torch.bool, device=z.device)
+    else:
+        active = sample_mask.to(device=z.device, dtype=torch.bool)
+    region_b = region.unsqueeze(0).expand(n_samples, -1, -1)
+
+    energy = -energy_temperature * _masked_logsumexp(z / energy_temperature, region_b, dim=2)
+
+    if weighting == "energy":
+        scores = (-energy / routing_temperature).masked_fill(~active, float("-inf"))
+        log_weights = torch.log_softmax(scores, dim=1)
+        weights = torch.where(active, torch.exp(log_weights), torch.zeros_like(log_weights))
+        log_weights = torch.where(active, log_weights, torch.full_like(log_weights, -torch.inf))
+    else:
+        # Uniform weights depend on the masks only, so log(0) = -inf carries no gradient.
+        weights = active.to(compute_dtype) / active.sum(dim=1, keepdim=True).to(compute_dtype)
+        log_weights = torch.log(weights)
+
+    if combine == "prob":
+        # log p_k restricted to S_k (temperature 1), then log-space mixture over experts.
+        expert_lse = _masked_logsumexp(z, region_b, dim=2)
+        log_pk = z - expert_lse.unsqueeze(2)
+        contributes = region_b & active.unsqueeze(2)
+        log_probs = _masked_logsumexp(log_weights.unsqueeze(2) + log_pk, contributes, dim=1)
+    else:
+        combined = (weights.unsqueeze(2) * z.masked_fill(~region_b, 0.0)).sum(dim=1)
+        log_probs = torch.log_softmax(combined, dim=1)
+    probs = torch.exp(log_probs)
+    return FusionResult(probs, energy, weights, log_probs if return_log_probs else None)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {allowed}.")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}.")
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}.")
+
+
+def _check_mask(name: str, mask: object, shape: tuple[int, int], device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}.")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(mask.shape)}.")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but Z is on {device}.")
+
+
+def _validate(
+    Z: object,
+    region_mask: object,
+    sample_mask: object,
+    weighting: object,
+    combine: object,
+    energy_temperature: object,
+    routing_temperature: object,
+    backend: object,
+    check_masks: bool,
+) -> None:
+    if not isinstance(Z, torch.Tensor):
+        raise TypeError(f"Z must be a torch.Tensor of shape (B, K, C), got {type(Z).__name__}.")
+    if Z.ndim != 3:
+        raise ValueError(f"Z must have shape (B, K, C) with 3 dimensions, got {Z.ndim}: "
+                         f"{tuple(Z.shape)}.")
+    if Z.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"Z must be float16, bfloat16, float32 or float64, got {Z.dtype}.")
+    n_samples, n_experts, n_classes = Z.shape
+    if n_experts < 1 or n_classes < 1:
+        raise ValueError(f"Z needs at least one expert and one class, got shape {tuple(Z.shape)}.")
+    _check_choice("weighting", weighting, _WEIGHTINGS)
+    _check_choice("combine", combine, _COMBINES)
+    _check_choice("backend", backend, _BACKENDS)
+    _check_positive("energy_temperature", energy_temperature)
+    _check_positive("routing_temperature", routing_temperature)
+    if region_mask is not None:
+        _check_mask("region_mask", region_mask, (n_experts, n_classes), Z.device)
+        if check_masks and not bool(region_mask.any(dim=1).all()):
+            empty = torch.nonzero(~region_mask.any(dim=1)).flatten().tolist()
+            raise ValueError(f"region_mask leaves expert(s) {empty} with no class; every "
+                             "expert needs a non-empty region.")
+    if sample_mask is not None:
+        _check_mask("sample_mask", sample_mask, (n_samples, n_experts), Z.device)
+        if check_masks and n_samples and not bool(sample_mask.any(dim=1).all()):
+            rows = torch.nonzero(~sample_mask.any(dim=1)).flatten()[:5].tolist()
+            raise ValueError(f"sample_mask leaves row(s) {rows} with no active expert; every "
+                             "sample needs at least one.")
+
+
+def fuse_experts(
+    Z: torch.Tensor,
+    *,
+    region_mask: torch.Tensor | None = None,
+    sample_mask: torch.Tensor | None = None,
+    weighting: str = "energy",
+    combine: str = "prob",
+    energy_temperature: float = 1.0,
+    routing_temperature: float = 1.0,
+    return_log_probs: bool = False,
+    backend: str = "auto",
+    check_masks: bool = True,
+) -> FusionResult:
+    r"""Fuse per-expert logits into class probabilities, energies and routing weights.
+
+    Parameters
+    ----------
+    Z : torch.Tensor of shape (B, K, C)
+        Logits of K experts over C classes; float16, bfloat16 or float32 (computed in
+        float32; float64 is accepted by the reference backend); any strides.
+    region_mask : torch.Tensor of shape (K, C), dtype bool, default=None
+        ``region_mask[k, c]`` is True when expert ``k`` covers class ``c`` (its region
+        ``S_k``). ``None`` means every expert covers every class. Regions must be
+        non-empty.
+    sample_mask : torch.Tensor of shape (B, K), dtype bool, default=None
+        Experts active for each sample (RIDE's router). ``None`` means all. Each row
+        needs at least one active expert. Inactive experts get weight zero; their energy
+        is still computed.
+    weighting : {"energy", "uniform"}, default="energy"
+        ``"energy"``: ``W = softmax_k(-E / routing_temperature)`` over active experts;
+        ``"uniform"``: equal weights over active experts.
+    combine : {"prob", "logit"}, default="prob"
+        ``"prob"``: mixture of the experts' region softmaxes (temperature 1),
+        ``P = sum_k W_k softmax_{c in S_k}(Z_k)``;
+        ``"logit"``: softmax of the weighted logits, ``P = softmax(sum_k W_k M_k Z_k)``,
+        where a class outside an expert's region contributes zero from that expert.
+    energy_temperature : float, default=1.0
+        ``T`` in ``E[b, k] = -T * logsumexp_{c in S_k}(Z[b, k, c] / T)``.
+    routing_temperature : float, default=1.0
+        ``tau`` in the energy weighting.
+    return_log_probs : bool, default=False
+        Also return ``log P`` computed in log space (the numerically safe input of a
+        negative log-likelihood loss).
+    backend : {"auto", "torch"}, default="auto"
+        ``"torch"`` runs the PyTorch reference; ``"auto"`` picks the fastest backend
+        available for ``Z``'s device.
+    check_masks : bool, default=True
+        Check that no region is empty and every sample has an active expert. These two
+        checks read the masks on the host (one synchronisation on CUDA); pass ``False``
+        when the masks are known to be valid.
+
+    Returns
+    -------
+    FusionResult
+        ``(probs, energy, weights, log_probs)``: float32 tensors of shapes (B, C), (B, K),
+        (B, K) and (B, C) or ``None``; differentiable in ``Z``.
+
+    Notes
+    -----
+    With ``T = tau = 1``, disjoint regions and ``combine="prob"``,
+    ``W_k p_k(y) = exp(Z_{k,y}) / \sum_j \sum_{c \in S_j} exp(Z_{j,c})``, so ``P`` is the
+    softmax of the logits stitched from each class's own expert (the identity the tests
+    use as an oracle).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from ltroute.fusion import fuse_experts
+    >>> Z = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])
+    >>> out = fuse_experts(Z, weighting="uniform", combine="logit")
+    >>> out.probs.sum().item()
+    1.0
+    >>> out.weights
+    tensor([[0.5000, 0.5000]])
+    """
+    _validate(Z, region_mask, sample_mask, weighting, combine, energy_temperature,
+              routing_temperature, backend, check_masks)
+    return fuse_experts_reference(
+        Z,
+        region_mask=region_mask,
+        sample_mask=sample_mask,
+        weighting=weighting,
+        combine=combine,
+        energy_temperature=float(energy_temperature),
+        routing_temperature=float(routing_temperature),
+        return_log_probs=return_log_probs,
+    )

@@ -1,0 +1,207 @@
+"""The PyTorch reference of ``fuse_experts`` against a naive loop and the doc's identity."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from ltroute.fusion import fuse_experts
+
+
+def naive_fuse(Z, region, active, weighting, combine, T, tau):
+    """Row-by-row, expert-by-expert fusion in float64 with Python loops."""
+    B, K, C = Z.shape
+    Z = Z.double()
+    P = torch.zeros(B, C, dtype=torch.float64)
+    E = torch.zeros(B, K, dtype=torch.float64)
+    W = torch.zeros(B, K, dtype=torch.float64)
+    for b in range(B):
+        for k in range(K):
+            cols = [c for c in range(C) if region[k, c]]
+            E[b, k] = -T * math.log(sum(math.exp(Z[b, k, c].item() / T) for c in cols))
+        ks = [k for k in range(K) if active[b, k]]
+        if weighting == "energy":
+            denom = sum(math.exp(-E[b, j].item() / tau) for j in ks)
+            for k in ks:
+                W[b, k] = math.exp(-E[b, k].item() / tau) / denom
+        else:
+            for k in ks:
+                W[b, k] = 1.0 / len(ks)
+        if combine == "prob":
+            for k in ks:
+                cols = [c for c in range(C) if region[k, c]]
+                z = sum(math.exp(Z[b, k, c].item()) for c in cols)
+                for c in cols:
+                    P[b, c] += W[b, k] * math.exp(Z[b, k, c].item()) / z
+        else:
+            logits = [sum(W[b, k] * Z[b, k, c].item() for k in ks if region[k, c])
+                      for c in range(C)]
+            z = sum(math.exp(v) for v in logits)
+            for c in range(C):
+                P[b, c] = math.exp(logits[c]) / z
+    return P, E, W
+
+
+def random_masks(B, K, C, generator):
+    region = torch.rand(K, C, generator=generator) < 0.6
+    region[torch.arange(K), torch.randint(0, C, (K,), generator=generator)] = True
+    active = torch.rand(B, K, generator=generator) < 0.6
+    active[torch.arange(B), torch.randint(0, K, (B,), generator=generator)] = True
+    return region, active
+
+
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+@pytest.mark.parametrize("masks", [False, True])
+@pytest.mark.parametrize("temps", [(1.0, 1.0), (2.0, 0.5)])
+def test_reference_matches_naive_loop(weighting, combine, masks, temps):
+    g = torch.Generator().manual_seed(0)
+    B, K, C = 5, 3, 7
+    Z = torch.randn(B, K, C, generator=g) * 3
+    if masks:
+        region, active = random_masks(B, K, C, g)
+    else:
+        region, active = torch.ones(K, C, dtype=torch.bool), torch.ones(B, K, dtype=torch.bool)
+    T, tau = temps
+    out = fuse_experts(Z, region_mask=region if masks else None,
+                       sample_mask=active if masks else None, weighting=weighting,
+                       combine=combine, energy_temperature=T, routing_temperature=tau,
+                       return_log_probs=True)
+    P, E, W = naive_fuse(Z, region, active, weighting, combine, T, tau)
+    assert_close(out.probs.double(), P, atol=1e-6, rtol=1e-5)
+    assert_close(out.energy.double(), E, atol=1e-5, rtol=1e-5)
+    assert_close(out.weights.double(), W, atol=1e-6, rtol=1e-5)
+    finite = P > 0
+    assert_close(out.log_probs[finite].double(), P[finite].log(), atol=1e-5, rtol=1e-5)
+    assert torch.all(out.log_probs[~finite] == -torch.inf)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_stitched_softmax_identity(nested):
+    """T = tau = 1, combine='prob': P(y) = sum_{k: y in S_k} e^{z_ky} / sum_k sum_{S_k} e^z."""
+    g = torch.Generator().manual_seed(1)
+    B, K, C = 6, 3, 9
+    Z = torch.randn(B, K, C, generator=g, dtype=torch.float64) * 4
+    region = torch.zeros(K, C, dtype=torch.bool)
+    groups = [range(0, 3), range(3, 6), range(6, 9)]
+    for k in range(K):
+        for j in range(k if nested else k, K if nested else k + 1):
+            region[k, list(groups[j])] = True
+    out = fuse_experts(Z, region_mask=region)
+    numer = (Z.exp() * region).sum(dim=1)
+    expected = numer / numer.sum(dim=1, keepdim=True)
+    assert_close(out.probs, expected, atol=1e-12, rtol=1e-10)
+    if not nested:
+        owner = region.float().argmax(dim=0)
+        stitched = Z[:, owner, torch.arange(C)]
+        assert_close(out.probs, torch.softmax(stitched, dim=1), atol=1e-12, rtol=1e-10)
+
+
+def test_single_expert_is_plain_softmax():
+    Z = torch.randn(4, 1, 11)
+    for combine in ("prob", "logit"):
+        out = fuse_experts(Z, combine=combine, return_log_probs=True)
+        assert_close(out.probs, torch.softmax(Z[:, 0], dim=1))
+        assert_close(out.log_probs, torch.log_softmax(Z[:, 0], dim=1))
+        assert_close(out.weights, torch.ones(4, 1))
+        assert_close(out.energy[:, 0], -torch.logsumexp(Z[:, 0], dim=1))
+
+
+def test_uniform_logit_is_mean_of_logits_softmax():
+    """RIDE's ensemble: softmax of the mean expert logit over the active prefix."""
+    Z = torch.randn(5, 3, 6)
+    active = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=bool)
+    out = fuse_experts(Z, sample_mask=active, weighting="uniform", combine="logit")
+    for b in range(5):
+        n = int(active[b].sum())
+        assert_close(out.probs[b], torch.softmax(Z[b, :n].mean(0), dim=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_probabilities_and_weights_sum_to_one(dtype):
+    g = torch.Generator().manual_seed(2)
+    Z = (torch.randn(8, 4, 13, generator=g) * 10).to(dtype)
+    region, active = random_masks(8, 4, 13, g)
+    region[:, :] |= torch.eye(4, 13, dtype=torch.bool)  # keep regions non-empty
+    for combine in ("prob", "logit"):
+        out = fuse_experts(Z, region_mask=region, sample_mask=active, combine=combine)
+        assert out.probs.dtype == torch.float32
+        assert torch.all(out.probs >= 0)
+        assert_close(out.probs.sum(1), torch.ones(8))
+        assert_close(out.weights.sum(1), torch.ones(8))
+        assert torch.all(out.weights[~active] == 0)
+
+
+def test_extreme_logits_stay_finite():
+    Z = torch.tensor([[[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]]])
+    out = fuse_experts(Z, return_log_probs=True)
+    assert torch.isfinite(out.probs).all() and torch.isfinite(out.energy).all()
+    assert_close(out.probs.sum(1), torch.ones(1))
+    # The second expert's energy is 1e4 - log(3): its weight underflows to zero.
+    assert_close(out.energy[0, 1], torch.tensor(1e4 - math.log(3)))
+    assert out.weights[0, 1] == 0
+
+
+def test_gradients_match_naive_autograd_and_stay_finite_with_uncovered_classes():
+    g = torch.Generator().manual_seed(3)
+    Z = torch.randn(4, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    # Class 4 is in no region: probability 0, log-probability -inf, zero gradient.
+    region = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    out = fuse_experts(Z, region_mask=region, return_log_probs=True)
+    assert torch.all(out.probs[:, 4] == 0)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = -out.log_probs[torch.arange(4), y].mean() + out.energy.square().mean()
+    loss.backward()
+    assert torch.isfinite(Z.grad).all()
+    assert torch.all(Z.grad[:, :, 4] == 0)
+    z = Z.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fuse_experts(t, region_mask=region).probs, (z,))
+
+
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+def test_gradcheck_all_switches(combine):
+    g = torch.Generator().manual_seed(4)
+    Z = torch.randn(3, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    region, active = random_masks(3, 3, 4, g)
+
+    def f(z):
+        out = fuse_experts(z, region_mask=region, sample_mask=active, combine=combine,
+                           energy_temperature=1.5, routing_temperature=0.7)
+        return out.probs, out.energy, out.weights
+
+    assert torch.autograd.gradcheck(f, (Z,))
+
+
+def test_non_contiguous_input():
+    Z = torch.randn(7, 5, 3).transpose(1, 2)  # (7, 3, 5), strided
+    assert not Z.is_contiguous()
+    a = fuse_experts(Z)
+    b = fuse_experts(Z.contiguous())
+    assert_close(a.probs, b.probs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"Z": [[[0.0]]]}, TypeError, "torch.Tensor"),
+        ({"Z": torch.zeros(2, 3)}, ValueError, "3 dimensions"),
+        ({"Z": torch.zeros(2, 3, 4, dtype=torch.int64)}, TypeError, "float"),
+        ({"Z": torch.zeros(2, 0, 4)}, ValueError, "at least one expert"),
+        ({"weighting": "max"}, ValueError, "weighting"),
+        ({"combine": "sum"}, ValueError, "combine"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+        ({"energy_temperature": 0.0}, ValueError, "energy_temperature"),
+        ({"routing_temperature": "1"}, TypeError, "routing_temperature"),
+        ({"region_mask": torch.ones(3, 4)}, TypeError, "torch.bool"),
+        ({"region_mask": torch.ones(2, 4, dtype=torch.bool)}, ValueError, r"\(3, 4\)"),
+        ({"region_mask": torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]], dtype=bool)},
+         ValueError, r"expert\(s\) \[2\]"),
+        ({"sample_mask": torch.zeros(2, 3, dtype=torch.bool)}, ValueError, "no active expert"),
+    ],
+)
+def test_bad_input_raises_named_error(kwargs, error, match):
+    args = {"Z": torch.zeros(2, 3, 4)} | kwargs
+    Z = args.pop("Z")
+    with pytest.raises(error, match=match):
+        fuse_experts(Z, **args)
