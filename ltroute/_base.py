@@ -1,0 +1,355 @@
+"""``LongTailNet``: the skorch classifier every ltroute estimator derives from.
+
+It owns what is common to all methods: input validation, label encoding, the fitted
+attributes (``classes_``, ``class_counts_``, ``n_features_in_``, ``input_shape_``), the
+network built from them, ``device="auto"``, reproducible seeding, and inference through
+:func:`ltroute.fusion.fuse_experts`. A method subclass supplies its training loss
+(``_training_loss``), how it fuses the experts (``_fuse``), its network options
+(``_module_params``) and its parameter constraints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from numbers import Integral, Real
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import (
+    Interval,
+    Options,
+    StrOptions,
+    validate_parameter_constraints,
+)
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+from skorch import NeuralNet, NeuralNetClassifier
+from skorch.callbacks import EpochTimer, PassthroughScoring, PrintLog
+from skorch.utils import to_tensor
+
+from ltroute.fusion import FusionResult, fuse_experts
+from ltroute.losses import effective_number_weights
+from ltroute.nn import ExpertNet
+
+__all__ = ["LongTailNet"]
+
+
+def resolve_device(device: str | torch.device) -> str:
+    """Map ``"auto"`` to ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+    if isinstance(device, str) and device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def _never(_estimator: Any) -> bool:
+    return False
+
+
+class LongTailNet(NeuralNetClassifier):
+    """Base class of ltroute's estimators (not used directly).
+
+    See :class:`~ltroute.LongTailClassifier` for the parameters it shares.
+    """
+
+    _parameter_constraints: dict[str, list] = {
+        "backbone": [StrOptions({"auto", "mlp", "convnet", "resnet32"}), torch.nn.Module],
+        "hidden_sizes": ["array-like"],
+        "expert_hidden_sizes": ["array-like"],
+        "head_scale": [Interval(Real, 0, None, closed="neither")],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "max_epochs": [Interval(Integral, 0, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
+        "device": [str, torch.device],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        module=ExpertNet,
+        *,
+        backbone="auto",
+        hidden_sizes=(256, 256),
+        expert_hidden_sizes=(128,),
+        head_scale=30.0,
+        dropout=0.0,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.AdamW,
+        lr=1e-3,
+        max_epochs=30,
+        batch_size=128,
+        train_split=None,
+        callbacks=None,
+        device="auto",
+        verbose=0,
+        random_state=None,
+        **kwargs,
+    ):
+        # NeuralNet.__init__ directly: NeuralNetClassifier's only addition is the
+        # ``classes`` parameter, which would clash with label encoding done here.
+        NeuralNet.__init__(
+            self, module, criterion=criterion, optimizer=optimizer, lr=lr,
+            max_epochs=max_epochs, batch_size=batch_size, train_split=train_split,
+            callbacks=callbacks, device=device, verbose=verbose, **kwargs,
+        )
+        self.backbone = backbone
+        self.hidden_sizes = hidden_sizes
+        self.expert_hidden_sizes = expert_hidden_sizes
+        self.head_scale = head_scale
+        self.dropout = dropout
+        self.random_state = random_state
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y, **fit_params):
+        """Validate and encode the data, then train with skorch.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W)
+            Feature matrix or image tensor (numpy, pandas or torch; cast to float32).
+        y : array-like of shape (n_samples,)
+            Class labels (strings or any integers); at least two classes.
+        **fit_params : dict
+            Passed to the module's ``forward`` by skorch.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        self._check_params()
+        X, y_encoded, classes = self._validate_training_data(X, y)
+        continuing = self.warm_start and self.initialized_
+        if continuing and not np.array_equal(classes, self.classes_):
+            raise ValueError("warm_start=True needs the same classes as the previous fit; "
+                             f"got {classes.tolist()} after {self.classes_.tolist()}.")
+        self.classes_ = classes
+        self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
+        self.input_shape_ = tuple(int(s) for s in X.shape[1:])
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        with self._runtime(seed=seed):
+            if not continuing:
+                self.initialize()
+            NeuralNet.partial_fit(self, X, y_encoded, **fit_params)
+        return self
+
+    @available_if(_never)
+    def partial_fit(self, X, y=None, classes=None, **fit_params):
+        """Not available: long-tail losses depend on the class counts of the whole fit."""
+        raise AttributeError("partial_fit is not supported")  # pragma: no cover
+
+    def _check_params(self) -> None:
+        """Validate ltroute's own parameters (skorch's ``_validate_params`` checks its own)."""
+        params = {name: getattr(self, name) for name in self._parameter_constraints}
+        validate_parameter_constraints(self._parameter_constraints, params,
+                                       caller_name=type(self).__name__)
+        if self.predict_nonlinearity != "auto":
+            raise ValueError("predict_nonlinearity is not used by ltroute estimators: "
+                             "predict_proba returns the fused probabilities.")
+
+    def _validate_training_data(self, X, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return float32 ``X``, encoded int64 ``y`` and the sorted class labels."""
+        ndim = self._check_input_ndim(X)
+        X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=ndim == 4)
+        check_classification_targets(y)
+        classes, y_encoded = np.unique(y, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in y; got 1 "
+                             f"class: {classes.tolist()}.")
+        return X, y_encoded.astype(np.int64), classes
+
+    @staticmethod
+    def _check_input_ndim(X) -> int:
+        """Number of dimensions of ``X`` (array-like), which must be 2 or 4."""
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
+        if len(shape) not in (2, 4):
+            hint = (" Reshape your data either using array.reshape(-1, 1) if your data has a "
+                    "single feature or array.reshape(1, -1) if it contains a single sample."
+                    if len(shape) == 1 else "")
+            raise ValueError(
+                f"X must be 2-D (n_samples, n_features) or 4-D images (n_samples, channels, "
+                f"height, width); got a {len(shape)}-D array of shape {shape}.{hint}"
+            )
+        return len(shape)
+
+    def _validate_predict_data(self, X) -> np.ndarray:
+        check_is_fitted(self, ["module_", "classes_"])
+        ndim = self._check_input_ndim(X)
+        shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
+        if tuple(shape[1:]) != self.input_shape_ and (ndim == 4 or len(self.input_shape_) == 3):
+            kind = "images" if len(self.input_shape_) == 3 else "feature vectors"
+            raise ValueError(f"X has samples of shape {tuple(shape[1:])}, but "
+                             f"{type(self).__name__} was fitted on {kind} of shape "
+                             f"{self.input_shape_}.")
+        return validate_data(self, X, reset=False, dtype=np.float32, allow_nd=ndim == 4)
+
+    @contextlib.contextmanager
+    def _runtime(self, seed: int | None = None) -> Iterator[None]:
+        """Resolve ``device="auto"`` (and fork + seed the torch RNG) for one call."""
+        requested = self.device
+        resolved = resolve_device(requested)
+        self.device = resolved
+        try:
+            if seed is None:
+                yield
+            else:
+                cuda = torch.device(resolved)
+                devices = ([cuda.index if cuda.index is not None else torch.cuda.current_device()]
+                           if cuda.type == "cuda" else [])
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    yield
+        finally:
+            self.device = requested
+
+    # ------------------------------------------------------------- skorch hooks
+    @property
+    def _default_callbacks(self):
+        # skorch's classifier adds ``valid_acc``, which scores encoded labels through
+        # ``predict``; ltroute records losses only.
+        return [
+            ("epoch_timer", EpochTimer()),
+            ("train_loss", PassthroughScoring(name="train_loss", on_train=True)),
+            ("valid_loss", PassthroughScoring(name="valid_loss")),
+            ("print_log", PrintLog()),
+        ]
+
+    def _module_params(self) -> dict[str, Any]:
+        """Keyword arguments of the network, sized from the fitted data."""
+        return {
+            "input_shape": self.input_shape_,
+            "n_classes": len(self.classes_),
+            "n_experts": 1,
+            "backbone": self.backbone,
+            "hidden_sizes": tuple(self.hidden_sizes),
+            "expert_hidden_sizes": tuple(self.expert_hidden_sizes),
+            "cosine_head": False,
+            "head_scale": float(self.head_scale),
+            "dropout": float(self.dropout),
+        }
+
+    def initialize_module(self):
+        """Build the network from the fitted shapes (constructor parameters untouched)."""
+        kwargs = self._module_params() | self.get_params_for("module")
+        self.module_ = self.module(**kwargs)
+        return self
+
+    def get_iterator(self, dataset, training=False):
+        """Training batches are shuffled by default; a last batch of one sample is dropped."""
+        if not training:
+            return super().get_iterator(dataset, training=False)
+        kwargs = self.get_params_for("iterator_train")
+        batch_size = kwargs.get("batch_size", self.batch_size)
+        kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
+        kwargs.setdefault("shuffle", True)
+        if "drop_last" not in kwargs and len(dataset) > 1:
+            kwargs["drop_last"] = len(dataset) % kwargs["batch_size"] == 1
+        return self.iterator_train(dataset, **kwargs)
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        """Method loss on expert logits in training; ``criterion`` on fused log-probs else."""
+        y_true = to_tensor(y_true, device=self.device)
+        if training:
+            return self._training_loss(y_pred, y_true)
+        fused = self._fuse(y_pred, return_log_probs=True)
+        return self.criterion_(fused.log_probs, y_true)
+
+    def evaluation_step(self, batch, training=False):
+        """Return ``(probs, energy, weights)`` of the fused experts for one batch."""
+        logits = super().evaluation_step(batch, training=training)
+        with torch.set_grad_enabled(training):
+            fused = self._fuse(logits)
+        return fused.probs, fused.energy, fused.weights
+
+    # ------------------------------------------------------- method interface
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Training objective on expert logits (B, K, C) and encoded labels (B,)."""
+        raise NotImplementedError
+
+    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False) -> FusionResult:
+        """Combine expert logits; the default averages the logits of all experts."""
+        return fuse_experts(logits, weighting="uniform", combine="logit",
+                            return_log_probs=return_log_probs)
+
+    @property
+    def current_epoch_(self) -> int:
+        """1-based number of the epoch being trained (0 before training)."""
+        return len(self.history_) if self.history_ is not None else 0
+
+    def _drw_weights(self, drw_epoch: int | None, beta: float) -> torch.Tensor | None:
+        """Deferred re-weighting: effective-number class weights (summing to ``C``) from
+        the first epoch after ``drw_epoch`` (1-based, LDAM-DRW's ``epoch > 160``); before
+        that, and when ``drw_epoch`` is None, no weights."""
+        if drw_epoch is None or self.current_epoch_ <= drw_epoch:
+            return None
+        return effective_number_weights(self.class_counts_, beta=beta).to(self.device)
+
+    # --------------------------------------------------------------- inference
+    def _fused_outputs(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validated ``(probs, energy, weights)`` for all of ``X``, on the CPU."""
+        X = self._validate_predict_data(X)
+        with self._runtime():
+            return self.forward(X, training=False)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, columns aligned with ``classes_``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W)
+            Same kind of input as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+            Rows sum to one (the softmax is applied once, inside the fusion).
+        """
+        return self._fused_outputs(X)[0].numpy()
+
+    def predict(self, X) -> np.ndarray:
+        """Most probable class label of each sample (original labels, not indices).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W)
+            Same kind of input as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        probs = self.predict_proba(X)
+        return self.classes_[probs.argmax(axis=1)]
+
+    # ------------------------------------------------------------- plumbing
+    @property
+    def classes_(self) -> np.ndarray:
+        try:
+            return self.__dict__["classes_"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no attribute 'classes_': "
+                                 "call fit first.") from None
+
+    @classes_.setter
+    def classes_(self, value: np.ndarray) -> None:
+        self.__dict__["classes_"] = value
+
+    def _get_param_names(self):
+        # skorch lists every attribute without a trailing underscore, which leaks
+        # private state (``_params_to_validate``) into get_params.
+        return [name for name in super()._get_param_names() if not name.startswith("_")]
+
+    def __setstate__(self, state):
+        requested = state["device"]
+        state["device"] = resolve_device(requested)
+        super().__setstate__(state)
+        self.device = requested
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags

@@ -1,0 +1,116 @@
+"""Docstring fragments shared by the estimators (the imbalanced-learn ``Substitution`` way)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Substitution:
+    """Decorator filling ``%(name)s`` placeholders of a docstring with shared fragments."""
+
+    def __init__(self, **fragments: str) -> None:
+        self.fragments = fragments
+
+    def __call__(self, obj: T) -> T:
+        if obj.__doc__:
+            obj.__doc__ = obj.__doc__ % self.fragments
+        return obj
+
+
+_network_parameters = """backbone : {"auto", "mlp", "convnet", "resnet32"} or torch.nn.Module, \
+default="auto"
+        Shared trunk. ``"auto"``: an MLP for 2-D ``X``, ResNet-32 for CIFAR-shaped images
+        (3 channels, sides >= 32), the small ConvNet for other images. A module instance is
+        used as the trunk (deep-copied at every fit) with an MLP per expert on top.
+
+    hidden_sizes : tuple of int, default=(256, 256)
+        Widths of the MLP trunk.
+
+    expert_hidden_sizes : tuple of int, default=(128,)
+        Widths of each expert's MLP branch (MLP and user trunks).
+
+    head_scale : float, default=30.0
+        Scale ``s`` of cosine heads, ``z = s * cos(f, w_c)`` (LDAM-DRW and RIDE use 30).
+
+    dropout : float, default=0.0
+        Dropout after each MLP activation."""
+
+_training_parameters = """module : type, default=ExpertNet
+        Class building the network; called with the keyword arguments of
+        :class:`~ltroute.nn.ExpertNet` (sized from the data in ``initialize_module``)
+        plus any ``module__*`` parameter. Its ``forward`` must return ``(B, K, C)``.
+
+    criterion : type, default=torch.nn.CrossEntropyLoss
+        Loss reported as ``valid_loss`` on the internal validation split, applied to the
+        log of the fused probabilities. The training objective is the method's own (see
+        Notes) and does not use it.
+
+    optimizer : type, default=torch.optim.AdamW
+        Optimizer class; its arguments go in as ``optimizer__*`` (e.g.
+        ``optimizer__weight_decay``).
+
+    lr : float, default=1e-3
+        Learning rate.
+
+    max_epochs : int, default=30
+        Number of training epochs.
+
+    batch_size : int, default=128
+        Mini-batch size for training and inference. When the last training batch would
+        hold a single sample it is dropped (BatchNorm cannot train on one sample).
+
+    train_split : callable or None, default=None
+        skorch's internal validation split. ``None`` (the default, unlike skorch) trains
+        on all of ``X``: a 20 % hold-out would take a large share of the rare classes.
+        Pass ``skorch.dataset.ValidSplit(...)`` to monitor ``valid_loss``.
+
+    callbacks : list of (str, skorch.callbacks.Callback) or None, default=None
+        Extra skorch callbacks (LR schedulers, checkpoints, progress bars, ...).
+
+    device : str, default="auto"
+        ``"auto"`` trains on CUDA when available, else on the CPU; or any torch device
+        string. The parameter keeps its value after ``fit`` (``clone`` and pickling
+        resolve ``"auto"`` again where they run).
+
+    verbose : int, default=0
+        ``0`` is silent; ``1`` prints skorch's per-epoch table.
+
+    random_state : int, RandomState instance or None, default=None
+        Seeds weight initialisation and shuffling. With an int, fits are reproducible
+        bit for bit on the CPU; the caller's global torch RNG is left untouched.
+
+    **kwargs
+        Any other skorch parameter (``iterator_train__*``, ``optimizer__*``,
+        ``module__*``, ``warm_start``, ...)."""
+
+_fitted_attributes = """classes_ : ndarray of shape (n_classes,)
+        Class labels seen in ``fit`` (sorted); ``predict`` returns them.
+
+    class_counts_ : ndarray of shape (n_classes,)
+        Training samples per class, aligned with ``classes_``.
+
+    n_features_in_ : int
+        Number of features (for images, scikit-learn's convention: the channels).
+
+    input_shape_ : tuple of int
+        Shape of one training sample, checked again at prediction.
+
+    module_ : ExpertNet
+        The trained network.
+
+    history_ : skorch.History
+        Per-epoch training history (``train_loss``, ``dur``, ...)."""
+
+_shared_docs = Substitution(
+    network_parameters=_network_parameters,
+    training_parameters=_training_parameters,
+    fitted_attributes=_fitted_attributes,
+)
+
+
+def shared_docs(obj: Callable | type) -> Callable | type:
+    """Fill the shared parameter and attribute fragments into ``obj.__doc__``."""
+    return _shared_docs(obj)

@@ -1,0 +1,403 @@
+"""Network modules: backbones, cosine heads and the multi-expert ``ExpertNet``.
+
+Every estimator trains an :class:`ExpertNet`: a shared trunk, ``K`` expert branches and
+``K`` heads; ``forward`` returns logits of shape ``(B, K, C)``. A single-expert model
+(``K = 1``) is an ordinary classifier. The module knows nothing about estimators.
+
+Backbones
+---------
+``"mlp"``
+    Trunk: ``Linear -> BatchNorm1d -> ReLU -> Dropout`` per hidden size; each expert adds
+    its own MLP (``expert_hidden_sizes``).
+``"convnet"``
+    For small images (e.g. 28x28 digits): a shared two-block CNN, then per expert one
+    convolutional block, global average pooling and flattening.
+``"resnet32"``
+    CIFAR ResNet-32 (He et al. 2016, "option A" shortcuts, as in LDAM-DRW and RIDE):
+    shared stem + layer1; each expert owns layer2 and layer3 (widths 32/64, or 24/48
+    with ``reduce_dimension=True`` as in RIDE) and global average pooling.
+an ``nn.Module``
+    A user trunk mapping inputs to features (flattened if needed); each expert adds an
+    MLP (``expert_hidden_sizes``) on top.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "BasicBlock",
+    "ConvNetBranch",
+    "ConvNetTrunk",
+    "ExpertNet",
+    "MLP",
+    "NormedLinear",
+    "ResNet32Branch",
+    "ResNet32Trunk",
+    "resolve_backbone",
+]
+
+BACKBONES = ("auto", "mlp", "convnet", "resnet32")
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding 1 and no bias (BatchNorm follows)."""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class NormedLinear(nn.Module):
+    """Cosine classifier: ``scale * <x / |x|, w_c / |w_c|>`` for every class ``c``.
+
+    The LDAM-DRW / RIDE head (no bias). Weights are initialised uniform in (-1, 1) and
+    each class column is rescaled to unit norm, as in the official code.
+
+    Parameters
+    ----------
+    in_features : int
+        Size of the input features.
+    out_features : int
+        Number of classes.
+    scale : float, default=1.0
+        Multiplier ``s`` of the cosine (RIDE uses 30, applied inside the network).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.uniform_(-1.0, 1.0).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"scale={self.scale}"
+
+
+class MLP(nn.Sequential):
+    """``Linear -> BatchNorm1d -> ReLU -> Dropout`` for each hidden size.
+
+    Parameters
+    ----------
+    in_features : int
+        Input size.
+    hidden_sizes : sequence of int
+        Width of each layer; empty means the identity.
+    dropout : float, default=0.0
+        Dropout probability after each activation.
+    batch_norm : bool, default=True
+        Whether to normalise each hidden layer.
+    """
+
+    def __init__(self, in_features: int, hidden_sizes: Sequence[int], dropout: float = 0.0,
+                 batch_norm: bool = True) -> None:
+        layers: list[nn.Module] = []
+        width = in_features
+        for size in hidden_sizes:
+            layers.append(nn.Linear(width, size))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(size))
+            layers.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = size
+        super().__init__(*layers)
+        self.out_features = width
+
+
+class _ShortcutA(nn.Module):
+    """Parameter-free "option A" shortcut: subsample by 2 and zero-pad channels."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet basic block (conv-BN-ReLU-conv-BN + shortcut, ReLU)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = _ShortcutA((planes - in_planes) // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    layers = []
+    for block_stride in [stride] + [1] * (blocks - 1):
+        layers.append(BasicBlock(in_planes, planes, block_stride))
+        in_planes = planes * BasicBlock.expansion
+    return nn.Sequential(*layers)
+
+
+def _kaiming_init(module: nn.Module) -> None:
+    """Kaiming-normal init of every Conv2d and Linear (LDAM-DRW's ``_weights_init``)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight)
+
+
+class ResNet32Trunk(nn.Module):
+    """Shared part of ResNet-32: stem (3x3 conv to 16 channels) and layer1 (5 blocks)."""
+
+    def __init__(self, in_channels: int = 3, blocks: int = 5) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _make_stage(16, 16, blocks, stride=1)
+        self.out_channels = 16
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer1(F.relu(self.bn1(self.conv1(x))))
+
+
+class ResNet32Branch(nn.Module):
+    """One expert of ResNet-32: layer2 and layer3 (5 blocks each), global average pool.
+
+    Parameters
+    ----------
+    in_channels : int, default=16
+        Channels coming out of the shared trunk.
+    widths : tuple of int, default=(32, 64)
+        Channels of layer2 and layer3; RIDE's ``reduce_dimension`` uses (24, 48).
+    blocks : int, default=5
+        Blocks per stage (5 makes ResNet-32).
+    """
+
+    def __init__(self, in_channels: int = 16, widths: tuple[int, int] = (32, 64),
+                 blocks: int = 5) -> None:
+        super().__init__()
+        self.layer2 = _make_stage(in_channels, widths[0], blocks, stride=2)
+        self.layer3 = _make_stage(widths[0], widths[1], blocks, stride=2)
+        self.out_features = widths[1]
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.layer3(self.layer2(x)), 1).flatten(1)
+
+
+class ConvNetTrunk(nn.Module):
+    """Shared part of the small ConvNet: two conv-BN-ReLU-maxpool blocks (32, 64)."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, int] = (32, 64)) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv3x3(in_channels, widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            conv3x3(widths[0], widths[1]), nn.BatchNorm2d(widths[1]), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.out_channels = widths[1]
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class ConvNetBranch(nn.Module):
+    """One expert of the small ConvNet: conv-BN-ReLU, global average pool, flatten."""
+
+    def __init__(self, in_channels: int = 64, width: int = 64) -> None:
+        super().__init__()
+        self.block = nn.Sequential(conv3x3(in_channels, width), nn.BatchNorm2d(width),
+                                   nn.ReLU(inplace=True))
+        self.out_features = width
+        _kaiming_init(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.block(x), 1).flatten(1)
+
+
+class _FlattenedTrunk(nn.Module):
+    """Wraps a user trunk so that its output is a (B, D) matrix."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).flatten(1)
+
+
+def resolve_backbone(backbone: str | nn.Module, input_shape: Sequence[int]) -> str | nn.Module:
+    """Resolve ``backbone="auto"`` from the input shape (one sample, without batch axis).
+
+    ``"auto"`` picks ``"mlp"`` for feature vectors, ``"resnet32"`` for images with 3
+    channels and sides of at least 32 pixels (CIFAR-shaped) and ``"convnet"`` for other
+    images.
+    """
+    if not isinstance(backbone, str):
+        return backbone
+    if backbone != "auto":
+        return backbone
+    if len(input_shape) == 1:
+        return "mlp"
+    channels, height, width = input_shape
+    return "resnet32" if channels == 3 and min(height, width) >= 32 else "convnet"
+
+
+def _trunk_output_shape(trunk: nn.Module, input_shape: Sequence[int]) -> torch.Size:
+    """Shape of one trunk output (without batch axis) from a dry run in eval mode."""
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad():
+            param = next(iter(trunk.parameters()), None)
+            device = param.device if param is not None else None
+            out = trunk(torch.zeros(2, *input_shape, device=device))
+    finally:
+        trunk.train(was_training)
+    return out.shape[1:]
+
+
+def _build_backbone(
+    backbone: str | nn.Module,
+    input_shape: Sequence[int],
+    *,
+    hidden_sizes: Sequence[int],
+    expert_hidden_sizes: Sequence[int],
+    dropout: float,
+    reduce_dimension: bool,
+) -> tuple[nn.Module, Callable[[], nn.Module]]:
+    """Return the shared trunk and a factory building one expert branch."""
+    if isinstance(backbone, nn.Module):
+        trunk: nn.Module = _FlattenedTrunk(copy.deepcopy(backbone))
+        width = int(torch.Size(_trunk_output_shape(trunk, input_shape)).numel())
+        return trunk, lambda: MLP(width, expert_hidden_sizes, dropout)
+    if backbone == "mlp":
+        if len(input_shape) != 1:
+            raise ValueError(f"backbone='mlp' needs feature vectors (2-D X), got samples of "
+                             f"shape {tuple(input_shape)}; use 'convnet' or 'resnet32'.")
+        trunk = MLP(input_shape[0], hidden_sizes, dropout)
+        width = trunk.out_features
+        return trunk, lambda: MLP(width, expert_hidden_sizes, dropout)
+    if len(input_shape) != 3:
+        raise ValueError(f"backbone={backbone!r} needs images of shape (N, C, H, W), got "
+                         f"samples of shape {tuple(input_shape)}; use backbone='mlp'.")
+    if backbone == "convnet":
+        trunk = ConvNetTrunk(input_shape[0])
+        return trunk, lambda: ConvNetBranch(trunk.out_channels)
+    if backbone == "resnet32":
+        widths = (24, 48) if reduce_dimension else (32, 64)
+        return ResNet32Trunk(input_shape[0]), lambda: ResNet32Branch(16, widths)
+    raise ValueError(f"backbone={backbone!r} is not supported; expected one of {BACKBONES} "
+                     "or a torch.nn.Module trunk.")
+
+
+class ExpertNet(nn.Module):
+    """Shared trunk, ``n_experts`` branches and heads; ``forward`` returns (B, K, C).
+
+    Parameters
+    ----------
+    input_shape : sequence of int
+        Shape of one sample: ``(n_features,)`` or ``(channels, height, width)``.
+    n_classes : int
+        Number of classes ``C``.
+    n_experts : int, default=1
+        Number of experts ``K``.
+    backbone : {"auto", "mlp", "convnet", "resnet32"} or torch.nn.Module, default="auto"
+        See the module docstring; a module instance is deep-copied.
+    hidden_sizes : sequence of int, default=(256, 256)
+        Trunk widths of the MLP backbone.
+    expert_hidden_sizes : sequence of int, default=(128,)
+        Widths of each expert's MLP branch (MLP and user backbones).
+    cosine_head : bool, default=False
+        Cosine classifier (:class:`NormedLinear` times ``head_scale``) instead of a
+        linear layer with bias.
+    head_scale : float, default=30.0
+        Scale ``s`` of the cosine head (ignored by linear heads).
+    reduce_dimension : bool, default=False
+        ResNet-32 experts with widths (24, 48) instead of (32, 64), as in RIDE.
+    dropout : float, default=0.0
+        Dropout after each MLP activation.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_shape: Sequence[int],
+        n_classes: int,
+        n_experts: int = 1,
+        backbone: str | nn.Module = "auto",
+        hidden_sizes: Sequence[int] = (256, 256),
+        expert_hidden_sizes: Sequence[int] = (128,),
+        cosine_head: bool = False,
+        head_scale: float = 30.0,
+        reduce_dimension: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_classes = int(n_classes)
+        self.n_experts = int(n_experts)
+        resolved = resolve_backbone(backbone, self.input_shape)
+        self.trunk, make_branch = _build_backbone(
+            resolved, self.input_shape, hidden_sizes=hidden_sizes,
+            expert_hidden_sizes=expert_hidden_sizes, dropout=dropout,
+            reduce_dimension=reduce_dimension,
+        )
+        self.branches = nn.ModuleList(make_branch() for _ in range(self.n_experts))
+        width = self.branches[0].out_features
+        self.heads = nn.ModuleList(
+            NormedLinear(width, self.n_classes, head_scale) if cosine_head
+            else nn.Linear(width, self.n_classes)
+            for _ in range(self.n_experts)
+        )
+        if resolved in ("convnet", "resnet32"):
+            _kaiming_init(self.heads)  # the CIFAR code initialises its whole network so
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of each expert's feature vector (the input of its head)."""
+        return int(self.branches[0].out_features)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the shared trunk."""
+        return self.trunk(x)
+
+    def expert_features(self, shared: torch.Tensor, k: int) -> torch.Tensor:
+        """Feature vector (B, D) of expert ``k`` from the trunk output."""
+        return self.branches[k](shared)
+
+    def expert_logits(self, features: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits (B, C) of expert ``k`` from its feature vector."""
+        return self.heads[k](features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_impl(x)
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared(x)
+        return torch.stack(
+            [self.expert_logits(self.expert_features(shared, k), k)
+             for k in range(self.n_experts)],
+            dim=1,
+        )
