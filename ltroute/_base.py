@@ -135,6 +135,7 @@ class LongTailNet(NeuralNetClassifier):
             if not continuing:
                 self.initialize()
             NeuralNet.partial_fit(self, X, y_encoded, **fit_params)
+            self._after_training(X, y_encoded)
         return self
 
     @available_if(_never)
@@ -269,6 +270,10 @@ class LongTailNet(NeuralNetClassifier):
     def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training objective on expert logits (B, K, C) and encoded labels (B,)."""
         raise NotImplementedError
+
+    def _after_training(self, X: np.ndarray, y: np.ndarray) -> None:
+        """Hook run after skorch's training loop, inside the same device and seeded RNG
+        context (e.g. RIDE's second stage); ``y`` is encoded. Does nothing by default."""
 
     def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False) -> FusionResult:
         """Combine expert logits; the default averages the logits of all experts."""
