@@ -190,20 +190,23 @@ class LongTailNet(NeuralNetClassifier):
 
     @contextlib.contextmanager
     def _runtime(self, seed: int | None = None) -> Iterator[None]:
-        """Resolve ``device="auto"`` (and fork + seed the torch RNG) for one call."""
+        """Resolve ``device="auto"`` and fork the torch RNG for one call (seeded if asked).
+
+        Forking keeps the caller's global RNG untouched: besides seeded training, every
+        ``DataLoader`` iteration draws a base seed from it, inference included.
+        """
         requested = self.device
         resolved = resolve_device(requested)
+        target = torch.device(resolved)
+        devices = []
+        if target.type == "cuda":
+            devices = [target.index if target.index is not None else torch.cuda.current_device()]
         self.device = resolved
         try:
-            if seed is None:
-                yield
-            else:
-                cuda = torch.device(resolved)
-                devices = ([cuda.index if cuda.index is not None else torch.cuda.current_device()]
-                           if cuda.type == "cuda" else [])
-                with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices):
+                if seed is not None:
                     torch.manual_seed(seed)
-                    yield
+                yield
         finally:
             self.device = requested
 
@@ -296,9 +299,17 @@ class LongTailNet(NeuralNetClassifier):
     # --------------------------------------------------------------- inference
     def _fused_outputs(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validated ``(probs, energy, weights)`` for all of ``X``, on the CPU."""
-        X = self._validate_predict_data(X)
+        return self.forward(self._validate_predict_data(X), training=False)
+
+    def forward_iter(self, X, training=False, device="cpu"):
+        """skorch's batched inference, with ``device="auto"`` resolved while it runs."""
         with self._runtime():
-            return self.forward(X, training=False)
+            yield from super().forward_iter(X, training=training, device=device)
+
+    def load_params(self, *args, **kwargs):
+        """skorch's ``load_params``, with ``device="auto"`` resolved for the map location."""
+        with self._runtime():
+            return super().load_params(*args, **kwargs)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, columns aligned with ``classes_``.

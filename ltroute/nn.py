@@ -288,6 +288,9 @@ def _build_backbone(
     reduce_dimension: bool,
 ) -> tuple[nn.Module, Callable[[], nn.Module]]:
     """Return the shared trunk and a factory building one expert branch."""
+    if isinstance(backbone, str) and backbone not in BACKBONES[1:]:
+        raise ValueError(f"backbone={backbone!r} is not supported; expected one of {BACKBONES} "
+                         "or a torch.nn.Module trunk.")
     if isinstance(backbone, nn.Module):
         trunk: nn.Module = _FlattenedTrunk(copy.deepcopy(backbone))
         width = int(torch.Size(_trunk_output_shape(trunk, input_shape)).numel())
@@ -305,11 +308,8 @@ def _build_backbone(
     if backbone == "convnet":
         trunk = ConvNetTrunk(input_shape[0])
         return trunk, lambda: ConvNetBranch(trunk.out_channels)
-    if backbone == "resnet32":
-        widths = (24, 48) if reduce_dimension else (32, 64)
-        return ResNet32Trunk(input_shape[0]), lambda: ResNet32Branch(16, widths)
-    raise ValueError(f"backbone={backbone!r} is not supported; expected one of {BACKBONES} "
-                     "or a torch.nn.Module trunk.")
+    widths = (24, 48) if reduce_dimension else (32, 64)
+    return ResNet32Trunk(input_shape[0]), lambda: ResNet32Branch(16, widths)
 
 
 class ExpertNet(nn.Module):

@@ -1,10 +1,16 @@
 """Shared fixtures: seeded RNGs, bundled data sets loaded once per module."""
 
-import numpy as np
-import pytest
-import torch
+import os
 
-from ltroute.datasets import load_letter_lt, load_mnist_lt
+# scikit-learn's common checks skip two array-API checks unless SciPy is told to
+# support the array API, which must happen before SciPy is first imported.
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ltroute.datasets import load_letter_lt, load_mnist_lt  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

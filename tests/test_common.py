@@ -1,0 +1,44 @@
+"""scikit-learn's common estimator checks on every ltroute estimator.
+
+Fast constructor settings play the role of scikit-learn's ``INIT_PARAMS``; the checks
+that fail for a sound reason are listed, with that reason, in ``EXPECTED_FAILED_CHECKS``
+and run as strict expected failures (a check that starts passing fails the suite).
+"""
+
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from ltroute import LongTailClassifier
+
+SKORCH_SETS_ATTRIBUTES_IN_INIT = (
+    "skorch's NeuralNet.__init__ sets history_, initialized_ and virtual_params_, "
+    "which every skorch estimator inherits"
+)
+SKORCH_SET_PARAMS_INITIALISES_CALLBACKS = (
+    "skorch's set_params(callbacks=...) initialises the callbacks at once to resolve "
+    "callbacks__* parameters, so an invalid callbacks value fails there"
+)
+
+_SKORCH_FAILURES = {
+    "check_no_attributes_set_in_init": SKORCH_SETS_ATTRIBUTES_IN_INIT,
+    "check_do_not_raise_errors_in_init_or_set_params": SKORCH_SET_PARAMS_INITIALISES_CALLBACKS,
+}
+
+#: Small networks and few epochs: the checks' data sets are tiny and easy.
+FAST_PARAMS = {"max_epochs": 20, "lr": 1e-2, "hidden_sizes": (16,),
+               "expert_hidden_sizes": (), "batch_size": 64, "random_state": 0}
+
+ESTIMATORS = [LongTailClassifier(**FAST_PARAMS)]
+
+EXPECTED_FAILED_CHECKS = {
+    "LongTailClassifier": dict(_SKORCH_FAILURES),
+}
+
+
+def _expected_failed_checks(estimator):
+    return EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {})
+
+
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=_expected_failed_checks,
+                         xfail_strict=True)
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
