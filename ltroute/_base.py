@@ -32,14 +32,20 @@ from skorch.callbacks import EpochTimer, PassthroughScoring, PrintLog
 from skorch.utils import to_tensor
 
 from ltroute.fusion import FusionResult, fuse_experts
-from ltroute.losses import effective_number_weights
+from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import ExpertNet
 
 __all__ = ["LongTailNet"]
 
 
-def resolve_device(device: str | torch.device) -> str:
-    """Map ``"auto"`` to ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+def resolve_device(device: str | torch.device | None) -> str | None:
+    """Map ``"auto"`` to ``"cuda"`` when a GPU is available, else ``"cpu"``.
+
+    ``None`` stays ``None``: skorch then leaves device placement to someone else (e.g.
+    ``accelerate`` through skorch's ``AccelerateMixin``).
+    """
+    if device is None:
+        return None
     if isinstance(device, str) and device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(device)
@@ -64,7 +70,7 @@ class LongTailNet(NeuralNetClassifier):
         "lr": [Interval(Real, 0, None, closed="neither")],
         "max_epochs": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
-        "device": [str, torch.device],
+        "device": [str, torch.device, None],
         "random_state": ["random_state"],
     }
 
@@ -77,7 +83,7 @@ class LongTailNet(NeuralNetClassifier):
         expert_hidden_sizes=(128,),
         head_scale=30.0,
         dropout=0.0,
-        criterion=torch.nn.CrossEntropyLoss,
+        criterion=LogProbNLLLoss,
         optimizer=torch.optim.AdamW,
         lr=1e-3,
         max_epochs=30,
@@ -197,9 +203,9 @@ class LongTailNet(NeuralNetClassifier):
         """
         requested = self.device
         resolved = resolve_device(requested)
-        target = torch.device(resolved)
+        target = torch.device(resolved) if resolved is not None else None
         devices = []
-        if target.type == "cuda":
+        if target is not None and target.type == "cuda":
             devices = [target.index if target.index is not None else torch.cuda.current_device()]
         self.device = resolved
         try:

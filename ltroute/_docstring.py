@@ -43,10 +43,11 @@ _training_parameters = """module : type, default=ExpertNet
         :class:`~ltroute.nn.ExpertNet` (sized from the data in ``initialize_module``)
         plus any ``module__*`` parameter. Its ``forward`` must return ``(B, K, C)``.
 
-    criterion : type, default=torch.nn.CrossEntropyLoss
-        Loss reported as ``valid_loss`` on the internal validation split, applied to the
-        log of the fused probabilities. The training objective is the method's own (see
-        Notes) and does not use it.
+    criterion : type, default=LogProbNLLLoss
+        Loss reported as ``valid_loss`` on the internal validation split, called with the
+        log of the fused probabilities and the encoded labels
+        (:class:`~ltroute.losses.LogProbNLLLoss`: their negative log-likelihood). The
+        training objective is the method's own (see Notes) and does not use it.
 
     optimizer : type, default=torch.optim.AdamW
         Optimizer class; its arguments go in as ``optimizer__*`` (e.g.
@@ -70,10 +71,11 @@ _training_parameters = """module : type, default=ExpertNet
     callbacks : list of (str, skorch.callbacks.Callback) or None, default=None
         Extra skorch callbacks (LR schedulers, checkpoints, progress bars, ...).
 
-    device : str, default="auto"
+    device : str or None, default="auto"
         ``"auto"`` trains on CUDA when available, else on the CPU; or any torch device
         string. The parameter keeps its value after ``fit`` (``clone`` and pickling
-        resolve ``"auto"`` again where they run).
+        resolve ``"auto"`` again where they run). ``None`` leaves placement to another
+        library (skorch's ``AccelerateMixin`` requires it).
 
     verbose : int, default=0
         ``0`` is silent; ``1`` prints skorch's per-epoch table.

@@ -10,6 +10,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from ltroute._base import LongTailNet
 from ltroute._docstring import shared_docs
 from ltroute.losses import (
+    LogProbNLLLoss,
     balanced_softmax_loss,
     cross_entropy,
     focal_loss,
@@ -130,7 +131,7 @@ class LongTailClassifier(LongTailNet):
         expert_hidden_sizes=(128,),
         head_scale=30.0,
         dropout=0.0,
-        criterion=torch.nn.CrossEntropyLoss,
+        criterion=LogProbNLLLoss,
         optimizer=torch.optim.AdamW,
         lr=1e-3,
         max_epochs=30,

@@ -1,0 +1,108 @@
+"""Provenance for benchmark outputs and the assembly of ``benchmarks/RESULTS.md``.
+
+Every script in this folder writes one markdown fragment to ``benchmarks/results/``,
+starting with :func:`provenance_header` (command, date, machine, versions, commit), then
+calls :func:`write_results_index`, which concatenates the fragments in a fixed order into
+``benchmarks/RESULTS.md``. No figure reaches RESULTS.md without the command that made it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_FILE = BENCH_DIR / "RESULTS.md"
+
+#: Fragment order in RESULTS.md; fragments not listed come after, alphabetically.
+ORDER = ["accuracy", "scaling", "ride_speed", "fusion"]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR,
+                             capture_output=True, text=True, check=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_description() -> str:
+    """CPU model and cores, plus the GPU name when CUDA is available."""
+    import torch
+
+    text = f"{_cpu_name()}, {os.cpu_count()} logical cores, {torch.get_num_threads()} " \
+           f"torch threads"
+    if torch.cuda.is_available():
+        text += f"; GPU {torch.cuda.get_device_name()}"
+    else:
+        text += "; no GPU"
+    return text
+
+
+def provenance_header(title: str, argv: list[str] | None = None) -> str:
+    """Markdown heading plus a provenance block for a benchmark fragment."""
+    import numpy
+    import sklearn
+    import skorch
+    import torch
+
+    import ltroute
+
+    argv = sys.argv if argv is None else argv
+    script = Path(argv[0])
+    try:
+        script = script.resolve().relative_to(BENCH_DIR.parent)
+    except ValueError:
+        pass
+    command = shlex.join(["python", str(script), *argv[1:]])
+    versions = (f"Python {platform.python_version()}, torch {torch.__version__}, "
+                f"numpy {numpy.__version__}, scikit-learn {sklearn.__version__}, "
+                f"skorch {skorch.__version__}, ltroute {ltroute.__version__}")
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"## {title}\n\n"
+            f"- command: `{command}`\n"
+            f"- date: {now}, commit {_git_commit()}\n"
+            f"- machine: {machine_description()}\n"
+            f"- versions: {versions}\n\n")
+
+
+def write_fragment(name: str, text: str) -> Path:
+    """Write ``results/<name>.md`` and refresh RESULTS.md; returns the fragment path."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.md"
+    path.write_text(text.rstrip() + "\n", encoding="utf-8")
+    write_results_index()
+    return path
+
+
+def write_results_index() -> Path:
+    """Concatenate every fragment of ``results/`` into ``RESULTS.md``."""
+    fragments = sorted(RESULTS_DIR.glob("*.md"),
+                       key=lambda p: (ORDER.index(p.stem) if p.stem in ORDER else len(ORDER),
+                                      p.stem))
+    parts = ["# ltroute benchmark results\n\n"
+             "Generated from `benchmarks/results/*.md`; each section names the command, "
+             "machine and versions that produced it. Re-run a section's command to refresh "
+             "it.\n"]
+    parts += [p.read_text(encoding="utf-8") for p in fragments]
+    RESULTS_FILE.write_text("\n".join(parts), encoding="utf-8")
+    return RESULTS_FILE

@@ -1,0 +1,151 @@
+"""Reproduce the README results table: accuracy of every method on the bundled LT data.
+
+For each data set and method (the named configurations of ``ltroute._registry``, the
+same ones ``python -m ltroute`` runs) and each seed, fit on the long-tailed training
+split and score the balanced test split: overall / many / medium / few-shot accuracy
+(mean ± std over seeds), mean experts used per test sample (RIDE's router) and fit time.
+Writes ``benchmarks/results/accuracy.md`` (+ ``.csv`` with every run, + ``.png``) and
+refreshes ``benchmarks/RESULTS.md``.
+
+Usage::
+
+    python benchmarks/accuracy.py                      # letter + mnist, 3 seeds
+    python benchmarks/accuracy.py --datasets letter --seeds 0 --methods ce ride
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
+
+from ltroute._registry import METHODS, make_estimator  # noqa: E402
+from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt  # noqa: E402
+from ltroute.metrics import group_accuracy  # noqa: E402
+
+DATASETS = {"letter": ("letter-LT", load_letter_lt), "mnist": ("MNIST-LT", load_mnist_lt),
+            "digits": ("digits-LT", load_digits_lt)}
+GROUPS = ("overall", "many", "medium", "few")
+DEFAULT_METHODS = ["ce", "ldam-drw", "logit-adjusted", "ride", "dqroute"]
+
+
+def run_one(method: str, data, *, epochs: int, seed: int) -> dict:
+    """Fit one configuration on one seed; return its scores and timings."""
+    clf = make_estimator(method, max_epochs=epochs, random_state=seed)
+    start = time.perf_counter()
+    clf.fit(data.X_train, data.y_train)
+    fit_seconds = time.perf_counter() - start
+    scores = group_accuracy(data.y_test, clf.predict(data.X_test),
+                            class_counts=data.class_counts)
+    experts = getattr(clf, "expert_usage_", None)
+    if experts is None:
+        experts = clf.module_.n_experts
+    return {**scores, "experts": float(experts), "fit_s": fit_seconds}
+
+
+def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[str]:
+    lines = ["| method | overall | many | medium | few | experts / sample | fit (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for method in methods:
+        rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
+        cells = []
+        for key in GROUPS:
+            values = 100 * np.array([r[key] for r in rows])
+            cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+        experts = np.mean([r["experts"] for r in rows])
+        fit = np.array([r["fit_s"] for r in rows])
+        lines.append(f"| {method} | {' | '.join(cells)} | {experts:.2f} | "
+                     f"{fit.mean():.1f} ± {fit.std():.1f} |")
+    return lines
+
+
+def _plot(runs: list[dict], methods: list[str], datasets: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8),
+                             squeeze=False)
+    width = 0.8 / len(GROUPS)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for g, group in enumerate(GROUPS):
+            means, stds = [], []
+            for method in methods:
+                values = [100 * r[group] for r in runs
+                          if r["dataset"] == dataset and r["method"] == method]
+                means.append(np.mean(values))
+                stds.append(np.std(values))
+            ax.bar(np.arange(len(methods)) + (g - 1.5) * width, means, width, yerr=stds,
+                   label=group, capsize=2)
+        ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(DATASETS[dataset][0])
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(ncol=4, fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
+                        default=["letter", "mnist"])
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                        default=[m for m in DEFAULT_METHODS if m in METHODS])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--name", default="accuracy",
+                        help="fragment name under benchmarks/results/ (default: accuracy)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+
+    runs = []
+    for dataset in args.datasets:
+        title, loader = DATASETS[dataset]
+        for seed in args.seeds:
+            data = loader(random_state=seed)
+            for method in args.methods:
+                result = run_one(method, data, epochs=args.epochs, seed=seed)
+                runs.append({"dataset": dataset, "method": method, "seed": seed, **result})
+                print(f"{title:10s} seed {seed} {method:16s} "
+                      + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
+                      + f" fit {result['fit_s']:6.1f}s", flush=True)
+
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with open(RESULTS_DIR / f"{args.name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+
+    argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    text = provenance_header("Accuracy on the bundled long-tailed data sets", argv_used)
+    text += (f"Seeds {args.seeds} (data split and fit), {args.epochs} epochs, each method's "
+             "registered configuration (`ltroute/_registry.py`). Accuracy in % on the "
+             "balanced test split, mean ± std over seeds; groups by training count: many "
+             "> 100, medium 20-100, few < 20. Every run is in "
+             f"`benchmarks/results/{args.name}.csv`.\n")
+    for dataset in args.datasets:
+        text += f"\n### {DATASETS[dataset][0]}\n\n"
+        text += "\n".join(_summary_rows(runs, args.methods, dataset)) + "\n"
+    if not args.no_plot:
+        png = RESULTS_DIR / f"{args.name}.png"
+        _plot(runs, args.methods, args.datasets, png)
+        text += f"\n![accuracy per group]({png.relative_to(RESULTS_DIR.parent)})\n"
+    path = write_fragment(args.name, text)
+    print(f"\nwrote {path} and benchmarks/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
