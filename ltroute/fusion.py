@@ -9,21 +9,29 @@ One contract serves every estimator (see ``fuse_experts``):
   ``combine="logit"``: ``P = softmax_c(sum_k W[b, k] * M[k, c] * Z[b, k, c])`` (RIDE).
 
 This module holds the PyTorch reference implementation (the CPU path and the oracle
-for the Triton kernel) and the ``fuse_experts`` dispatcher.
+for the Triton kernel), the ``torch.autograd.Function`` around the Triton kernels of
+``ltroute.kernels.fusion`` and the ``fuse_experts`` dispatcher. Triton is imported lazily,
+only when the Triton backend runs, so this module imports without it.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["FusionResult", "fuse_experts", "fuse_experts_reference"]
 
 _WEIGHTINGS = ("energy", "uniform")
 _COMBINES = ("prob", "logit")
-_BACKENDS = ("auto", "torch")
+_BACKENDS = ("auto", "torch", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_EXPERTS = 64
 
 
 class FusionResult(NamedTuple):
@@ -117,6 +125,106 @@ def fuse_experts_reference(
         log_probs = torch.log_softmax(combined, dim=1)
     probs = torch.exp(log_probs)
     return FusionResult(probs, energy, weights, log_probs if return_log_probs else None)
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_kernels() -> ModuleType:
+    """Import ``ltroute.kernels.fusion`` (and with it Triton) on first use."""
+    try:
+        return importlib.import_module("ltroute.kernels.fusion")
+    except ImportError as exc:
+        if _triton_installed():
+            raise
+        raise ImportError(
+            "backend='triton' needs the 'triton' package, which is not installed (it is a "
+            "Linux-only dependency of ltroute: `pip install triton`). Use backend='torch', or "
+            "backend='auto', which falls back to the PyTorch reference."
+        ) from exc
+
+
+def _resolve_backend(Z: torch.Tensor, backend: str) -> str:
+    """``"torch"`` or ``"triton"`` for validated ``Z`` and ``backend``."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        use_triton = (Z.is_cuda and Z.dtype in _TRITON_DTYPES
+                      and Z.shape[1] <= _TRITON_MAX_EXPERTS and _triton_installed())
+        return "triton" if use_triton else "torch"
+    if Z.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 logits, got "
+                        f"{Z.dtype}; use backend='torch' for float64.")
+    if Z.shape[1] > _TRITON_MAX_EXPERTS:
+        raise ValueError(f"backend='triton' supports at most {_TRITON_MAX_EXPERTS} experts, got "
+                         f"{Z.shape[1]}; use backend='torch'.")
+    kernels = _triton_kernels()
+    if not Z.is_cuda and not kernels._INTERPRETED:
+        raise ValueError(
+            f"backend='triton' needs Z on a CUDA device, got Z on {Z.device}. On the CPU the "
+            "Triton kernels run only under the Triton interpreter: set the environment "
+            "variable TRITON_INTERPRET=1 before triton and ltroute.kernels.fusion are first "
+            "imported (slow; meant for tests). Use backend='torch' or 'auto' for CPU tensors."
+        )
+    return "triton"
+
+
+class _TritonFusion(torch.autograd.Function):
+    """``fuse_experts`` through the Triton kernels, differentiable in ``Z``.
+
+    Saved for backward: ``Z`` itself (no copy), the masks, and a few float32 numbers per
+    row from the forward kernel (the shift and sum of each expert's log-sum-exp, and of
+    the combined logits for ``combine="logit"``). The backward kernel recomputes the rest
+    from ``Z`` and accepts any subset of upstream gradients (``None`` for the others).
+    """
+
+    @staticmethod
+    def forward(ctx, Z, region_mask, sample_mask, options):
+        kernels = _triton_kernels()
+        probs, energy, weights, log_probs, stats = kernels._fusion_forward(
+            Z, region_mask, sample_mask, save_stats=True, **options)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(Z, region_mask, sample_mask, *stats)
+        ctx.options = {k: v for k, v in options.items() if k != "return_log_probs"}
+        if not options["energy_weights"]:
+            ctx.mark_non_differentiable(weights)  # uniform weights depend on the masks only
+        return probs, energy, weights, log_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_probs, grad_energy, grad_weights, grad_log_probs):
+        Z, region_mask, sample_mask, *stats = ctx.saved_tensors
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_z = _triton_kernels()._fusion_backward(
+                Z, region_mask, sample_mask, tuple(stats), grad_probs, grad_energy,
+                grad_weights, grad_log_probs, **ctx.options)
+        return grad_z, None, None, None
+
+
+def _fuse_experts_triton(
+    Z: torch.Tensor,
+    region_mask: torch.Tensor | None,
+    sample_mask: torch.Tensor | None,
+    weighting: str,
+    combine: str,
+    energy_temperature: float,
+    routing_temperature: float,
+    return_log_probs: bool,
+) -> FusionResult:
+    options = {
+        "energy_weights": weighting == "energy",
+        "prob_combine": combine == "prob",
+        "energy_temperature": energy_temperature,
+        "routing_temperature": routing_temperature,
+        "return_log_probs": return_log_probs,
+    }
+    if torch.is_grad_enabled() and Z.requires_grad:
+        return FusionResult(*_TritonFusion.apply(Z, region_mask, sample_mask, options))
+    probs, energy, weights, log_probs, _ = _triton_kernels()._fusion_forward(
+        Z, region_mask, sample_mask, save_stats=False, **options)
+    return FusionResult(probs, energy, weights, log_probs)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -225,9 +333,12 @@ def fuse_experts(
     return_log_probs : bool, default=False
         Also return ``log P`` computed in log space (the numerically safe input of a
         negative log-likelihood loss).
-    backend : {"auto", "torch"}, default="auto"
-        ``"torch"`` runs the PyTorch reference; ``"auto"`` picks the fastest backend
-        available for ``Z``'s device.
+    backend : {"auto", "torch", "triton"}, default="auto"
+        ``"torch"`` runs the PyTorch reference. ``"triton"`` runs the fused Triton kernels
+        (float16, bfloat16 or float32 ``Z`` on a CUDA device; on the CPU only under the
+        Triton interpreter, ``TRITON_INTERPRET=1``, which is slow and meant for tests).
+        ``"auto"`` picks Triton for CUDA tensors of those dtypes when Triton is installed,
+        and the reference otherwise (CPU, float64).
     check_masks : bool, default=True
         Check that no region is empty and every sample has an active expert. These two
         checks read the masks on the host (one synchronisation on CUDA); pass ``False``
@@ -239,12 +350,24 @@ def fuse_experts(
         ``(probs, energy, weights, log_probs)``: float32 tensors of shapes (B, C), (B, K),
         (B, K) and (B, C) or ``None``; differentiable in ``Z``.
 
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments, named in the message; with ``backend="triton"`` also float64
+        ``Z``, more than 64 experts, or ``Z`` on the CPU outside the Triton interpreter.
+    ImportError
+        ``backend="triton"`` when Triton is not installed.
+
     Notes
     -----
     With ``T = tau = 1``, disjoint regions and ``combine="prob"``,
     ``W_k p_k(y) = exp(Z_{k,y}) / \sum_j \sum_{c \in S_j} exp(Z_{j,c})``, so ``P`` is the
     softmax of the logits stitched from each class's own expert (the identity the tests
     use as an oracle).
+
+    The Triton backend reads ``Z`` once when a row of ``K x C`` logits fits in one block
+    and twice otherwise, computes in float32, and agrees with the reference to float32
+    rounding; its backward pass is a second fused kernel.
 
     Examples
     --------
@@ -259,6 +382,10 @@ def fuse_experts(
     """
     _validate(Z, region_mask, sample_mask, weighting, combine, energy_temperature,
               routing_temperature, backend, check_masks)
+    if _resolve_backend(Z, backend) == "triton":
+        return _fuse_experts_triton(Z, region_mask, sample_mask, weighting, combine,
+                                    float(energy_temperature), float(routing_temperature),
+                                    bool(return_log_probs))
     return fuse_experts_reference(
         Z,
         region_mask=region_mask,

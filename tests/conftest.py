@@ -10,6 +10,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernel tests (test_fusion_kernel.py) run in Triton's interpreter,
+# which Triton switches on when it is first imported; importing ltroute already imports
+# triton (through torch.utils.flop_counter), so this must precede the ltroute import below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from ltroute.datasets import load_letter_lt, load_mnist_lt  # noqa: E402
 
 

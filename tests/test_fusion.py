@@ -205,3 +205,63 @@ def test_bad_input_raises_named_error(kwargs, error, match):
     Z = args.pop("Z")
     with pytest.raises(error, match=match):
         fuse_experts(Z, **args)
+
+
+# Backend dispatch (no Triton needed: the kernel tests live in test_fusion_kernel.py).
+
+
+def test_auto_backend_runs_the_reference_on_cpu(monkeypatch):
+    import ltroute.fusion as fusion_module
+
+    def fail():
+        raise AssertionError("backend='auto' must not load the Triton kernels for CPU tensors")
+
+    monkeypatch.setattr(fusion_module, "_triton_kernels", fail)
+    Z = torch.randn(2, 3, 4, requires_grad=True)
+    out = fuse_experts(Z)
+    assert "Triton" not in type(out.probs.grad_fn).__name__
+    assert_close(out.probs, fuse_experts(Z, backend="torch").probs, rtol=0, atol=0)
+
+
+def test_triton_backend_on_cpu_outside_the_interpreter_says_so(monkeypatch):
+    import ltroute.fusion as fusion_module
+
+    class CompiledKernels:  # what ltroute.kernels.fusion looks like without TRITON_INTERPRET
+        _INTERPRETED = False
+
+    monkeypatch.setattr(fusion_module, "_triton_kernels", lambda: CompiledKernels)
+    with pytest.raises(ValueError, match="CUDA device.*TRITON_INTERPRET=1"):
+        fuse_experts(torch.zeros(2, 3, 4), backend="triton")
+
+
+@pytest.mark.parametrize(
+    "Z, error, match",
+    [
+        (torch.zeros(2, 3, 4, dtype=torch.float64), TypeError, "float64"),
+        (torch.zeros(2, 65, 4), ValueError, "at most 64 experts"),
+    ],
+)
+def test_triton_backend_rejects_unsupported_inputs(Z, error, match):
+    with pytest.raises(error, match=match):
+        fuse_experts(Z, backend="triton")
+
+
+def test_fusion_imports_and_runs_without_triton():
+    """Triton is a Linux-only dependency: without it, 'auto' works and 'triton' says why."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys
+        sys.modules["triton"] = None  # any `import triton` now raises ImportError
+        import torch
+        from ltroute.fusion import fuse_experts
+        assert fuse_experts(torch.randn(2, 3, 4)).probs.shape == (2, 4)
+        try:
+            fuse_experts(torch.randn(2, 3, 4), backend="triton")
+        except ImportError as exc:
+            assert "pip install triton" in str(exc), exc
+        else:
+            raise AssertionError("backend='triton' without triton must raise ImportError")
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

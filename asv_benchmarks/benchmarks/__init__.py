@@ -1,0 +1,1 @@
+"""asv benchmark suites for ltroute (see ``asv_benchmarks/asv.conf.json``)."""
