@@ -28,12 +28,13 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch import NeuralNet, NeuralNetClassifier
-from skorch.callbacks import EpochTimer, PassthroughScoring, PrintLog
+from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
 from skorch.utils import to_tensor
 
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import ExpertNet
+from ltroute.schedules import StepWarmupSchedule
 
 __all__ = ["LongTailNet"]
 
@@ -68,6 +69,7 @@ class LongTailNet(NeuralNetClassifier):
         "head_scale": [Interval(Real, 0, None, closed="neither")],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
+        "lr_schedule": [StrOptions({"step"}), None],
         "max_epochs": [Interval(Integral, 0, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
         "device": [str, torch.device, None],
@@ -87,6 +89,7 @@ class LongTailNet(NeuralNetClassifier):
         optimizer=torch.optim.AdamW,
         lr=1e-3,
         max_epochs=30,
+        lr_schedule="step",
         batch_size=128,
         train_split=None,
         callbacks=None,
@@ -107,6 +110,7 @@ class LongTailNet(NeuralNetClassifier):
         self.expert_hidden_sizes = expert_hidden_sizes
         self.head_scale = head_scale
         self.dropout = dropout
+        self.lr_schedule = lr_schedule
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fitting
@@ -217,16 +221,25 @@ class LongTailNet(NeuralNetClassifier):
             self.device = requested
 
     # ------------------------------------------------------------- skorch hooks
+    #: ``lr_schedule="step"``: warm-up epochs and the factor of each of the two drops.
+    _lr_warmup_epochs = 0
+    _lr_decay = 0.1
+
     @property
     def _default_callbacks(self):
         # skorch's classifier adds ``valid_acc``, which scores encoded labels through
         # ``predict``; ltroute records losses only.
-        return [
+        callbacks = [
             ("epoch_timer", EpochTimer()),
             ("train_loss", PassthroughScoring(name="train_loss", on_train=True)),
             ("valid_loss", PassthroughScoring(name="valid_loss")),
-            ("print_log", PrintLog()),
         ]
+        if self.lr_schedule == "step":
+            schedule = StepWarmupSchedule(self.max_epochs, warmup_epochs=self._lr_warmup_epochs,
+                                          gamma=self._lr_decay)
+            callbacks.append(("lr_schedule", LRScheduler(torch.optim.lr_scheduler.LambdaLR,
+                                                         lr_lambda=schedule)))
+        return [*callbacks, ("print_log", PrintLog())]
 
     def _module_params(self) -> dict[str, Any]:
         """Keyword arguments of the network, sized from the fitted data."""

@@ -54,7 +54,16 @@ _training_parameters = """module : type, default=ExpertNet
         ``optimizer__weight_decay``).
 
     lr : float, default=1e-3
-        Learning rate.
+        Learning rate (before the ``lr_schedule`` factors).
+
+    lr_schedule : {"step"} or None, default="step"
+        ``"step"``: ``lr`` until 80 % of ``max_epochs``, then ``0.1 lr``, and ``0.01 lr``
+        from 90 % (the step decay of the LDAM-DRW/RIDE CIFAR recipe, scaled to
+        ``max_epochs``; :class:`~ltroute.schedules.StepWarmupSchedule` with no warm-up).
+        The papers are silent on schedules for these data; measured on MNIST-LT, a
+        constant ``lr`` let the test accuracy of the last epoch swing by several points
+        between seeds. It runs as the skorch callback ``"lr_schedule"``; ``None`` keeps
+        ``lr`` constant (use it with your own ``LRScheduler`` in ``callbacks``).
 
     max_epochs : int, default=30
         Number of training epochs.

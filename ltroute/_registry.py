@@ -12,8 +12,10 @@ from typing import Any
 
 from ltroute._base import LongTailNet
 from ltroute.baseline import LongTailClassifier
+from ltroute.dqroute import DQRouteClassifier
+from ltroute.ride import RIDEClassifier
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "make_estimator"]
+__all__ = ["DEFAULT_METHODS", "DQROUTE_ABLATIONS", "METHODS", "RIDE_ABLATIONS", "make_estimator"]
 
 
 def _drw_epoch(max_epochs: int) -> int:
@@ -28,16 +30,54 @@ def _baseline(loss: str, deferred_reweighting: bool = False) -> Callable[..., Lo
     return factory
 
 
+def _configured(cls: type[LongTailNet], **params: Any) -> Callable[..., LongTailNet]:
+    """Factory of ``cls`` with ``params`` (schedule-dependent defaults such as RIDE's DRW
+    epoch and DQRoute's prior start are derived by the estimators themselves)."""
+    def factory(max_epochs: int, **kwargs: Any) -> LongTailNet:
+        return cls(max_epochs=max_epochs, **params, **kwargs)
+
+    return factory
+
+
+#: Ablations: the default with one component switched off or replaced.
+RIDE_ABLATIONS: dict[str, dict[str, Any]] = {
+    "ride-no-router": {"router": False},
+    "ride-no-diversity": {"diversity_weight": 0.0},
+    "ride-ce": {"loss": "ce"},
+    "ride-no-drw": {"drw_epoch": None},
+}
+DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
+    "dqroute-no-difficulty": {"use_difficulty": False},
+    "dqroute-no-prior": {"use_prior": False},
+    "dqroute-ood-margin": {"ood_loss": "margin"},
+    "dqroute-ood-logistic": {"ood_loss": "logistic"},
+    # Without the fused loss only an OOD loss trains the energies.
+    "dqroute-no-fuse": {"lambda_fuse": 0.0, "ood_loss": "logistic"},
+    "dqroute-hard": {"routing": "hard"},
+    "dqroute-disjoint": {"region_overlap": "none"},
+    # The defaults of the specification (docs/dqroute.md, section 6.3), before the design
+    # changes documented in DQRouteClassifier's Notes.
+    "dqroute-spec": {"region_overlap": "none", "cosine_head": True, "ood_loss": "margin",
+                     "fused_logit_adjust_tau": 0.0, "expert_logit_adjust_tau": 0.0,
+                     "prior_mix_alpha": 0.5},
+}
+
 METHODS: dict[str, Callable[..., LongTailNet]] = {
     "ce": _baseline("ce"),
     "focal": _baseline("focal"),
     "ldam-drw": _baseline("ldam", deferred_reweighting=True),
     "logit-adjusted": _baseline("logit_adjusted"),
     "balanced-softmax": _baseline("balanced_softmax"),
+    "ride": _configured(RIDEClassifier),
+    # "RIDE + X" with logit-adjusted experts (the paper's default X is LDAM-DRW).
+    "ride-logit-adjusted": _configured(RIDEClassifier, loss="logit_adjusted"),
+    **{name: _configured(RIDEClassifier, **p) for name, p in RIDE_ABLATIONS.items()},
+    "dqroute": _configured(DQRouteClassifier),
+    **{name: _configured(DQRouteClassifier, **p) for name, p in DQROUTE_ABLATIONS.items()},
 }
 
 #: Methods ``python -m ltroute`` runs when none is named.
-DEFAULT_METHODS = ["ce", "logit-adjusted"]
+DEFAULT_METHODS = ["ce", "logit-adjusted", "ride", "dqroute"]
 
 
 def make_estimator(method: str, *, max_epochs: int, random_state: int | None = 0,

@@ -135,6 +135,7 @@ class LongTailClassifier(LongTailNet):
         optimizer=torch.optim.AdamW,
         lr=1e-3,
         max_epochs=30,
+        lr_schedule="step",
         batch_size=128,
         train_split=None,
         callbacks=None,
@@ -148,7 +149,8 @@ class LongTailClassifier(LongTailNet):
             expert_hidden_sizes=expert_hidden_sizes, head_scale=head_scale, dropout=dropout,
             criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
             batch_size=batch_size, train_split=train_split, callbacks=callbacks,
-            device=device, verbose=verbose, random_state=random_state, **kwargs,
+            device=device, verbose=verbose, random_state=random_state,
+            lr_schedule=lr_schedule, **kwargs,
         )
         self.loss = loss
         self.drw_epoch = drw_epoch

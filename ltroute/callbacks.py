@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import torch
 from skorch.callbacks import Callback
 
-__all__ = ["EpochProgressBar"]
+from ltroute.losses import (
+    class_difficulty,
+    frequency_prior_weights,
+    log_class_prior,
+    mix_class_weights,
+    multiplicative_weight_update,
+    prediction_uncertainty,
+)
+
+__all__ = ["DifficultyWeighting", "EpochProgressBar"]
 
 
 class EpochProgressBar(Callback):
@@ -40,3 +53,236 @@ class EpochProgressBar(Callback):
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         self.bar_.close()
+
+
+class DifficultyWeighting(Callback):
+    r"""Per-class difficulty from the fused predictions and adaptive class weights.
+
+    DQRoute's *Weight* step, usable with any ltroute estimator. During each epoch it
+    accumulates, for every class ``c``, the mean predictive uncertainty ``H_c`` and the
+    accuracy ``acc_c`` of the estimator's fused prediction (detached; on the training
+    batches in train mode, or on the validation batches with ``source="valid"``). At the
+    end of epoch ``t`` it
+
+    1. updates the bias-corrected EMA of the accuracy,
+       ``A~_c <- beta A~_c + (1 - beta) acc_c`` and ``A_c = A~_c / (1 - beta^{t_c})``
+       (``t_c``: the number of epochs in which class ``c`` was seen);
+    2. computes the difficulty ``d_c`` (:func:`ltroute.losses.class_difficulty`);
+    3. after ``warmup_epochs``, every ``update_every`` epochs, updates the difficulty
+       weights ``w`` by a Hedge step with clipping
+       (:func:`ltroute.losses.multiplicative_weight_update`);
+    4. sets the class weights of the next epoch,
+       ``omega = mix(w, f, alpha)`` with the frequency prior ``f`` once the next epoch
+       is past ``prior_start_epoch`` and ``omega = w`` before
+       (:func:`ltroute.losses.mix_class_weights`).
+
+    The results are written to the estimator as ``difficulty_``, ``class_entropy_``,
+    ``class_accuracy_ema_``, ``difficulty_weights_``, ``class_weights_`` and
+    ``difficulty_history_``, and recorded in its history as ``difficulty`` and
+    ``class_weights`` (lists over the classes). The estimator's loss reads
+    ``class_weights_``. The per-epoch statistics are three sums per class, so they can be
+    all-reduced across processes.
+
+    Parameters
+    ----------
+    difficulty_lambda : float, default=1.0
+        Weight ``lambda`` of the accuracy term of the difficulty.
+    gamma : float, default=0.1
+        Step size of the multiplicative update.
+    acc_ema : float, default=0.9
+        ``beta`` of the accuracy EMA.
+    uncertainty : {"entropy", "one_minus_maxprob"}, default="entropy"
+        Per-sample uncertainty (:func:`ltroute.losses.prediction_uncertainty`).
+    entropy_norm : {"max_observed", "log_C"}, default="max_observed"
+        Normaliser of the uncertainty: its largest class value, or its largest possible
+        value (``log C`` for the entropy, ``1 - 1/C`` for ``1 - max p``).
+    update : {"multiplicative", "softmax"}, default="multiplicative"
+        ``"multiplicative"``: cumulative Hedge steps; ``"softmax"``: ``w = C softmax(gamma
+        d)`` from the current difficulty only (clipped the same way).
+    clip : float or None, default=10.0
+        ``kappa``: ``w`` is kept in ``[1/kappa, kappa]`` with mean 1; ``None`` does not
+        clip.
+    warmup_epochs : int, default=5
+        No weight update at epochs ``t <= warmup_epochs``.
+    update_every : int, default=1
+        Update at the epochs ``t`` divisible by it.
+    use_difficulty : bool, default=True
+        ``False`` keeps ``w = 1`` (statistics are still tracked).
+    prior : {"effective_number", "inverse_frequency"} or None, default="effective_number"
+        Frequency prior ``f`` (:func:`ltroute.losses.frequency_prior_weights`), computed
+        from the estimator's ``class_counts_``; ``None`` uses ``omega = w`` throughout.
+    prior_beta : float, default=0.9999
+        ``beta`` of the effective-number prior.
+    prior_mix_alpha : float, default=0.5
+        ``alpha``, the share of ``w`` once the prior is on.
+    combination : {"convex", "product"}, default="convex"
+        How ``w`` and ``f`` are combined.
+    prior_start_epoch : int or None, default=None
+        The prior enters from the first epoch *after* it (1-based, like DRW's
+        ``drw_epoch``); ``None`` means ``int(0.8 * max_epochs)``, ``0`` from the start.
+    source : {"train", "valid"}, default="train"
+        Which batches the statistics come from; ``"valid"`` needs a ``train_split``.
+    prior_adjust_tau : float, default=0.0
+        Compute the statistics on ``p~(y | x) propto p(y | x) pi_y^tau`` instead of the
+        fused prediction ``p`` itself: the distribution a logit-adjusted training loss
+        with this ``tau`` fits to the training labels. Give the ``tau`` of such a loss,
+        otherwise a class looks hard merely because the adjustment moves probability
+        away from it on its own training samples.
+    """
+
+    def __init__(
+        self,
+        difficulty_lambda: float = 1.0,
+        gamma: float = 0.1,
+        acc_ema: float = 0.9,
+        uncertainty: str = "entropy",
+        entropy_norm: str = "max_observed",
+        update: str = "multiplicative",
+        clip: float | None = 10.0,
+        warmup_epochs: int = 5,
+        update_every: int = 1,
+        use_difficulty: bool = True,
+        prior: str | None = "effective_number",
+        prior_beta: float = 0.9999,
+        prior_mix_alpha: float = 0.5,
+        combination: str = "convex",
+        prior_start_epoch: int | None = None,
+        source: str = "train",
+        prior_adjust_tau: float = 0.0,
+    ) -> None:
+        self.difficulty_lambda = difficulty_lambda
+        self.gamma = gamma
+        self.acc_ema = acc_ema
+        self.uncertainty = uncertainty
+        self.entropy_norm = entropy_norm
+        self.update = update
+        self.clip = clip
+        self.warmup_epochs = warmup_epochs
+        self.update_every = update_every
+        self.use_difficulty = use_difficulty
+        self.prior = prior
+        self.prior_beta = prior_beta
+        self.prior_mix_alpha = prior_mix_alpha
+        self.combination = combination
+        self.prior_start_epoch = prior_start_epoch
+        self.source = source
+        self.prior_adjust_tau = prior_adjust_tau
+
+    def _check_params(self) -> None:
+        choices = {"uncertainty": ("entropy", "one_minus_maxprob"),
+                   "entropy_norm": ("max_observed", "log_C"),
+                   "update": ("multiplicative", "softmax"),
+                   "prior": ("effective_number", "inverse_frequency", None),
+                   "combination": ("convex", "product"),
+                   "source": ("train", "valid")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}: {name}={getattr(self, name)!r} is "
+                                 f"not supported; expected one of {allowed}.")
+        if self.update_every < 1:
+            raise ValueError(f"{type(self).__name__}: update_every must be >= 1, got "
+                             f"{self.update_every!r}.")
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        self._check_params()
+        n_classes = len(net.classes_)
+        self.prior_start_epoch_ = (int(0.8 * net.max_epochs) if self.prior_start_epoch is None
+                                   else self.prior_start_epoch)
+        self.prior_weights_ = (None if self.prior is None else frequency_prior_weights(
+            net.class_counts_, kind=self.prior, beta=self.prior_beta).double())
+        self.stats_ = None  # per class: samples seen, sum of uncertainties, correct
+        self.log_prior_ = (self.prior_adjust_tau * log_class_prior(net.class_counts_)
+                           if self.prior_adjust_tau else None)
+        self.n_updates_ = torch.zeros(n_classes, dtype=torch.float64)
+        self.accuracy_ema_raw_ = torch.zeros(n_classes, dtype=torch.float64)
+        self.entropy_ = torch.full((n_classes,), float("nan"), dtype=torch.float64)
+        self.weights_ = torch.ones(n_classes, dtype=torch.float64)
+        self.history_ = []
+        net.difficulty_ = np.zeros(n_classes)
+        net.class_entropy_ = self.entropy_.numpy().copy()
+        net.class_accuracy_ema_ = np.full(n_classes, np.nan)
+        net.difficulty_weights_ = self.weights_.numpy().copy()
+        net.class_weights_ = self._class_weights(len(net.history) + 1)
+        net.difficulty_history_ = np.zeros((0, n_classes))
+
+    def on_epoch_begin(self, net, **kwargs):
+        self.stats_ = None
+
+    def on_batch_end(self, net, batch=None, training=False, y_pred=None, **kwargs):
+        if training != (self.source == "train") or y_pred is None:
+            return
+        with torch.no_grad():
+            # skorch passes the module's outputs, the expert logits
+            fused = net._fuse(y_pred.detach(), return_log_probs=self.log_prior_ is not None)
+            probs = fused.probs.float()
+            if self.log_prior_ is not None:
+                probs = torch.softmax(fused.log_probs.float()
+                                      + self.log_prior_.to(probs.device), dim=1)
+            target = torch.as_tensor(batch[1], device=probs.device).long()
+            per_sample = torch.stack([
+                torch.ones_like(probs[:, 0]),
+                prediction_uncertainty(probs, self.uncertainty),
+                (probs.argmax(dim=1) == target).float(),
+            ], dim=1)
+            one_hot = torch.nn.functional.one_hot(target, len(net.classes_)).float()
+            # A matrix product rather than index_add_: deterministic on CUDA too, and no
+            # host synchronisation until the end of the epoch.
+            sums = one_hot.T @ per_sample
+            self.stats_ = sums if self.stats_ is None else self.stats_ + sums
+
+    def on_epoch_end(self, net, **kwargs):
+        epoch = len(net.history)
+        n_classes = self.weights_.numel()
+        stats = (torch.zeros(n_classes, 3) if self.stats_ is None else self.stats_)
+        stats = _sum_over_processes(net, stats)
+        seen, sum_uncertainty, correct = stats.cpu().double().unbind(dim=1)
+        observed = seen > 0
+        count = seen.clamp(min=1)
+        beta = self.acc_ema
+        self.entropy_ = torch.where(observed, sum_uncertainty / count, self.entropy_)
+        self.accuracy_ema_raw_ = torch.where(
+            observed, beta * self.accuracy_ema_raw_ + (1 - beta) * correct / count,
+            self.accuracy_ema_raw_)
+        self.n_updates_ += observed.double()
+        accuracy = self.accuracy_ema_raw_ / (1 - beta ** self.n_updates_)  # nan if never seen
+        difficulty = class_difficulty(self.entropy_, accuracy, lam=self.difficulty_lambda,
+                                      uncertainty_scale=self._uncertainty_scale())
+        if (self.use_difficulty and epoch > self.warmup_epochs
+                and epoch % self.update_every == 0):
+            start = self.weights_ if self.update == "multiplicative" else torch.ones_like(
+                self.weights_)
+            self.weights_ = multiplicative_weight_update(start, difficulty, gamma=self.gamma,
+                                                         clip=self.clip)
+        self.history_.append(difficulty.numpy())
+        net.difficulty_ = difficulty.numpy()
+        net.class_entropy_ = self.entropy_.numpy().copy()
+        net.class_accuracy_ema_ = accuracy.numpy()
+        net.difficulty_weights_ = self.weights_.numpy().copy()
+        net.class_weights_ = self._class_weights(epoch + 1)
+        net.difficulty_history_ = np.vstack(self.history_)
+        net.history.record("difficulty", net.difficulty_.tolist())
+        net.history.record("class_weights", net.class_weights_.tolist())
+
+    def _uncertainty_scale(self) -> float | None:
+        if self.entropy_norm == "max_observed":
+            return None
+        n_classes = self.weights_.numel()
+        return math.log(n_classes) if self.uncertainty == "entropy" else 1.0 - 1.0 / n_classes
+
+    def _class_weights(self, epoch: int) -> np.ndarray:
+        """Class weights ``omega`` used in (1-based) ``epoch``."""
+        if self.prior_weights_ is None or epoch <= self.prior_start_epoch_:
+            return self.weights_.float().numpy()
+        return mix_class_weights(self.weights_, self.prior_weights_,
+                                 alpha=self.prior_mix_alpha,
+                                 combination=self.combination).float().numpy()
+
+
+def _sum_over_processes(net, stats: torch.Tensor) -> torch.Tensor:
+    """Sum per-process statistics when ``net`` trains in several processes (skorch's
+    ``AccelerateMixin``: each process sees its shard of every epoch); unchanged
+    otherwise."""
+    accelerator = getattr(net, "accelerator", None)
+    if accelerator is None or accelerator.num_processes == 1:
+        return stats
+    return accelerator.reduce(stats.to(accelerator.device).float(), reduction="sum")

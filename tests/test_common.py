@@ -7,7 +7,7 @@ and run as strict expected failures (a check that starts passing fails the suite
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from ltroute import LongTailClassifier
+from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
 
 SKORCH_SETS_ATTRIBUTES_IN_INIT = (
     "skorch's NeuralNet.__init__ sets history_, initialized_ and virtual_params_, "
@@ -27,10 +27,18 @@ _SKORCH_FAILURES = {
 FAST_PARAMS = {"max_epochs": 20, "lr": 1e-2, "hidden_sizes": (16,),
                "expert_hidden_sizes": (), "batch_size": 64, "random_state": 0}
 
-ESTIMATORS = [LongTailClassifier(**FAST_PARAMS)]
+ESTIMATORS = [
+    LongTailClassifier(**FAST_PARAMS),
+    # RIDE keeps its SGD recipe (lr 0.1); a short router stage.
+    RIDEClassifier(**FAST_PARAMS | {"lr": 0.1, "router_epochs": 2}),
+    # Two experts: some checks fit two classes, and each expert needs a region.
+    DQRouteClassifier(**FAST_PARAMS | {"n_experts": 2}),
+]
 
 EXPECTED_FAILED_CHECKS = {
     "LongTailClassifier": dict(_SKORCH_FAILURES),
+    "RIDEClassifier": dict(_SKORCH_FAILURES),
+    "DQRouteClassifier": dict(_SKORCH_FAILURES),
 }
 
 

@@ -1,12 +1,12 @@
 """Tests for ``ltroute.datasets``: long-tailed counts, resampling and loaders."""
 
 import hashlib
-import pickle
 import tarfile
 from decimal import ROUND_FLOOR, Decimal, localcontext
 
 import numpy as np
 import pytest
+from cifar_fixture import md5, write_cifar
 from sklearn.datasets import load_digits
 
 from ltroute.datasets import (
@@ -341,44 +341,6 @@ def test_load_mnist_lt_matches_the_ride_spec_split():
 # ----------------------------------------------------------------------------------------
 # load_cifar_lt on a self-written fixture in the official file format
 # ----------------------------------------------------------------------------------------
-def _md5(path):
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _write_cifar(root, n_classes, n_train_per_class, n_test_per_class):
-    """Tiny CIFAR in the format of the official python archives; returns its content."""
-    rng = np.random.RandomState(42)
-    y_train = rng.permutation(np.repeat(np.arange(n_classes), n_train_per_class))
-    y_test = rng.permutation(np.repeat(np.arange(n_classes), n_test_per_class))
-    X_train = rng.randint(0, 256, size=(y_train.size, 3072), dtype=np.uint8)
-    X_test = rng.randint(0, 256, size=(y_test.size, 3072), dtype=np.uint8)
-    names = [f"class_{c}" for c in range(n_classes)]
-    if n_classes == 10:
-        folder, label_key = root / "cifar-10-batches-py", "labels"
-        batches = np.array_split(np.arange(y_train.size), 5)
-        files = {f"data_batch_{i + 1}": b for i, b in enumerate(batches)}
-        splits = [(name, X_train[b], y_train[b]) for name, b in files.items()]
-        splits.append(("test_batch", X_test, y_test))
-        meta = ("batches.meta", {"label_names": names, "num_cases_per_batch": 10000})
-    else:
-        folder, label_key = root / "cifar-100-python", "fine_labels"
-        splits = [("train", X_train, y_train), ("test", X_test, y_test)]
-        meta = ("meta", {"fine_label_names": names, "coarse_label_names": ["all"]})
-    folder.mkdir(parents=True)
-    for name, X, y in splits:
-        entry = {
-            "data": X,
-            label_key: y.tolist(),
-            "filenames": [f"{i}.png" for i in range(len(y))],
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-    (folder / meta[0]).write_bytes(pickle.dumps(meta[1]))
-    checksums = {f"{folder.name}/{p.name}": _md5(p) for p in folder.iterdir()}
-    return dict(
-        X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, names=names
-    ), checksums
-
-
 def _ldam_reference(X, y, n_classes, imb_factor):
     """LDAM-DRW's IMBALANCECIFAR, written out with the global NumPy RNG as it does."""
     img_max = len(X) / n_classes
@@ -404,7 +366,7 @@ def _ldam_reference(X, y, n_classes, imb_factor):
 def test_load_cifar_lt_reproduces_ldam_selection(
     tmp_path, monkeypatch, n_classes, n_train, n_test, ratio
 ):
-    source, checksums = _write_cifar(tmp_path, n_classes, n_train, n_test)
+    source, checksums = write_cifar(tmp_path, n_classes, n_train, n_test)
     # the fixture cannot match the official checksums: swap the private table
     monkeypatch.setattr("ltroute.datasets._cifar._MD5", checksums)
     global_state = np.random.get_state()  # noqa: NPY002
@@ -436,13 +398,13 @@ def test_load_cifar_lt_missing_files(tmp_path):
 
 
 def test_load_cifar_lt_checks_official_checksums(tmp_path):
-    _write_cifar(tmp_path, 10, 20, 2)
+    write_cifar(tmp_path, 10, 20, 2)
     with pytest.raises(RuntimeError, match="MD5.*download=True"):
         load_cifar_lt(tmp_path, n_classes=10)
 
 
 def test_load_cifar_lt_corrupted_file(tmp_path, monkeypatch):
-    _, checksums = _write_cifar(tmp_path, 100, 10, 2)
+    _, checksums = write_cifar(tmp_path, 100, 10, 2)
     monkeypatch.setattr("ltroute.datasets._cifar._MD5", checksums)
     path = tmp_path / "cifar-100-python" / "test"
     raw = bytearray(path.read_bytes())
@@ -453,11 +415,11 @@ def test_load_cifar_lt_corrupted_file(tmp_path, monkeypatch):
 
 
 def test_load_cifar_lt_download(tmp_path, monkeypatch):
-    source, checksums = _write_cifar(tmp_path / "src", 10, 20, 2)
+    source, checksums = write_cifar(tmp_path / "src", 10, 20, 2)
     archive = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    checksums["cifar-10-python.tar.gz"] = _md5(archive)
+    checksums["cifar-10-python.tar.gz"] = md5(archive)
     monkeypatch.setattr("ltroute.datasets._cifar._MD5", checksums)
     monkeypatch.setattr("ltroute.datasets._cifar._URLS", {10: archive.as_uri()})
     monkeypatch.setattr("ltroute.datasets._cifar._torchvision_downloader", lambda: None)

@@ -1,0 +1,67 @@
+"""ltroute.plotting and the example script that uses it."""
+
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltroute.plotting import plot_per_class_accuracy
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plot_per_class_accuracy.py"
+COUNTS = {"cat": 500, "dog": 50, "emu": 5}
+Y_TRUE = ["cat", "cat", "dog", "dog", "emu", "emu"]
+
+
+def test_one_series_per_model_with_group_shading():
+    preds = {"a": ["cat", "cat", "dog", "cat", "emu", "cat"],
+             "b": ["cat", "dog", "dog", "dog", "emu", "emu"]}
+    ax = plot_per_class_accuracy(Y_TRUE, preds, class_counts=COUNTS)
+    lines = ax.get_lines()
+    assert len(lines) == 2
+    np.testing.assert_array_equal(lines[0].get_xdata(), [5, 50, 500])  # by class size
+    np.testing.assert_allclose(lines[0].get_ydata(), [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(lines[1].get_ydata(), [1.0, 1.0, 0.5])
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels[0] == "a (overall 66.7%, few 50.0%)"
+    assert {t.get_text() for t in ax.texts} == {"many", "medium", "few"}
+    assert ax.get_xscale() == "log"
+    plt.close(ax.figure)
+
+
+def test_single_prediction_array_and_given_axes():
+    fig, ax = plt.subplots()
+    out = plot_per_class_accuracy(np.array([0, 1, 1]), np.array([0, 1, 0]),
+                                  class_counts=[30, 3], ax=ax, log_scale=False)
+    assert out is ax and ax.get_xscale() == "linear"
+    assert ax.get_legend().get_texts()[0].get_text().startswith("model (overall 66.7%")
+    plt.close(fig)
+
+
+def test_bad_input_is_reported():
+    with pytest.raises(ValueError, match="not in classes"):
+        plot_per_class_accuracy(Y_TRUE, ["cat"] * 5 + ["yak"], class_counts=COUNTS)
+    with pytest.raises(ValueError, match="empty mapping"):
+        plot_per_class_accuracy(Y_TRUE, {}, class_counts=COUNTS)
+
+
+def test_missing_matplotlib_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"pip install ltroute\[plot\]"):
+        plot_per_class_accuracy(Y_TRUE, Y_TRUE, class_counts=COUNTS)
+
+
+def test_example_script_runs_and_saves_the_figure(tmp_path, monkeypatch):
+    out = tmp_path / "per_class.png"
+    monkeypatch.setenv("LTROUTE_EXAMPLE_EPOCHS", "1")
+    monkeypatch.setenv("LTROUTE_EXAMPLE_OUTPUT", os.fspath(out))
+    runpy.run_path(os.fspath(EXAMPLE), run_name="__main__")
+    assert out.stat().st_size > 10_000
+    plt.close("all")
