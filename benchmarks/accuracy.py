@@ -1,15 +1,20 @@
 """Reproduce the README results table: accuracy of every method on the bundled LT data.
 
 For each data set and method (the named configurations of ``ltroute._registry``, the
-same ones ``python -m ltroute`` runs) and each seed, fit on the long-tailed training
-split and score the balanced test split: overall / many / medium / few-shot accuracy
-(mean ± std over seeds), mean experts used per test sample (RIDE's router) and fit time.
-Writes ``benchmarks/results/accuracy.md`` (+ ``.csv`` with every run, + ``.png``) and
-refreshes ``benchmarks/RESULTS.md``.
+same ones ``python -m ltroute --method`` runs) and each seed (data split and fit), fit on
+the long-tailed training split and score the balanced test split: overall / many /
+medium / few-shot accuracy (mean ± std over seeds), mean experts used per test sample
+(RIDE's router), the compute relative to running every expert, and fit time.
+
+A *suite* names the methods: ``main`` (the README table: the baselines, RIDE and
+DQRoute), ``ride`` (RIDE's ablations beside the baselines) and ``dqroute`` (DQRoute's
+ablations). Writes ``benchmarks/results/<suite name>.md`` (+ ``.csv`` with every run,
++ ``.png``) and refreshes ``benchmarks/RESULTS.md``.
 
 Usage::
 
-    python benchmarks/accuracy.py                      # letter + mnist, 3 seeds
+    python benchmarks/accuracy.py                       # main suite: letter + mnist, 3 seeds
+    python benchmarks/accuracy.py --suite ride --datasets letter
     python benchmarks/accuracy.py --datasets letter --seeds 0 --methods ce ride
 """
 
@@ -22,19 +27,34 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
 
-from ltroute._registry import METHODS, make_estimator  # noqa: E402
+from ltroute._registry import (  # noqa: E402
+    DQROUTE_ABLATIONS,
+    METHODS,
+    RIDE_ABLATIONS,
+    make_estimator,
+)
 from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt  # noqa: E402
 from ltroute.metrics import group_accuracy  # noqa: E402
 
 DATASETS = {"letter": ("letter-LT", load_letter_lt), "mnist": ("MNIST-LT", load_mnist_lt),
             "digits": ("digits-LT", load_digits_lt)}
 GROUPS = ("overall", "many", "medium", "few")
-DEFAULT_METHODS = ["ce", "ldam-drw", "logit-adjusted", "ride", "dqroute"]
+BASELINES = ["ce", "ldam-drw", "logit-adjusted"]
+#: suite -> (fragment name, methods, title)
+SUITES = {
+    "main": ("accuracy", [*BASELINES, "ride", "ride-logit-adjusted", "dqroute"],
+             "Accuracy on the bundled long-tailed data sets"),
+    "ride": ("ride_ablations", [*BASELINES, "ride", *RIDE_ABLATIONS, "ride-logit-adjusted"],
+             "RIDE: each component switched off"),
+    "dqroute": ("dqroute_ablations", [*BASELINES, "dqroute", *DQROUTE_ABLATIONS],
+                "DQRoute: each component switched off"),
+}
 
 
 def run_one(method: str, data, *, epochs: int, seed: int) -> dict:
@@ -45,15 +65,18 @@ def run_one(method: str, data, *, epochs: int, seed: int) -> dict:
     fit_seconds = time.perf_counter() - start
     scores = group_accuracy(data.y_test, clf.predict(data.X_test),
                             class_counts=data.class_counts)
-    experts = getattr(clf, "expert_usage_", None)
+    experts = getattr(clf, "expert_usage_", None)  # set by predict (RIDE only)
     if experts is None:
         experts = clf.module_.n_experts
-    return {**scores, "experts": float(experts), "fit_s": fit_seconds}
+    compute = getattr(clf, "relative_macs_", 1.0)
+    return {**scores, "experts": float(experts), "relative_compute": float(compute),
+            "fit_s": fit_seconds}
 
 
 def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[str]:
-    lines = ["| method | overall | many | medium | few | experts / sample | fit (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | overall | many | medium | few | experts / sample "
+             "| rel. compute | fit (s) |",
+             "|---|---|---|---|---|---|---|---|"]
     for method in methods:
         rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
         cells = []
@@ -61,8 +84,9 @@ def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[st
             values = 100 * np.array([r[key] for r in rows])
             cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
         experts = np.mean([r["experts"] for r in rows])
+        compute = np.mean([r["relative_compute"] for r in rows])
         fit = np.array([r["fit_s"] for r in rows])
-        lines.append(f"| {method} | {' | '.join(cells)} | {experts:.2f} | "
+        lines.append(f"| {method} | {' | '.join(cells)} | {experts:.2f} | {compute:.2f} | "
                      f"{fit.mean():.1f} ± {fit.std():.1f} |")
     return lines
 
@@ -101,14 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
                         default=["letter", "mnist"])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="main")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                        default=[m for m in DEFAULT_METHODS if m in METHODS])
+                        help="override the suite's methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--name", default="accuracy",
-                        help="fragment name under benchmarks/results/ (default: accuracy)")
+    parser.add_argument("--name", help="fragment name under benchmarks/results/ "
+                        "(default: the suite's)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, all cores)")
     args = parser.parse_args(argv)
+    name, methods, title_text = SUITES[args.suite]
+    args.methods = args.methods or methods
+    args.name = args.name or name
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     runs = []
     for dataset in args.datasets:
@@ -118,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.methods:
                 result = run_one(method, data, epochs=args.epochs, seed=seed)
                 runs.append({"dataset": dataset, "method": method, "seed": seed, **result})
-                print(f"{title:10s} seed {seed} {method:16s} "
+                print(f"{title:10s} seed {seed} {method:22s} "
                       + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
                       + f" fit {result['fit_s']:6.1f}s", flush=True)
 
@@ -129,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(runs)
 
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    text = provenance_header("Accuracy on the bundled long-tailed data sets", argv_used)
+    text = provenance_header(title_text, argv_used)
     text += (f"Seeds {args.seeds} (data split and fit), {args.epochs} epochs, each method's "
-             "registered configuration (`ltroute/_registry.py`). Accuracy in % on the "
-             "balanced test split, mean ± std over seeds; groups by training count: many "
-             "> 100, medium 20-100, few < 20. Every run is in "
+             "registered configuration (`ltroute/_registry.py`: the estimators' defaults, "
+             "DRW at 80 % of the epochs for LDAM-DRW; ablations change one parameter). "
+             "Accuracy in % on the balanced test split, mean ± std over seeds; groups by "
+             "training count: many > 100, medium 20-100, few < 20. *experts / sample*: "
+             "mean experts evaluated per test sample; *rel. compute*: MACs relative to "
+             "running every expert (RIDE's router). Fit time includes RIDE's router "
+             f"stage; torch CPU threads: {torch.get_num_threads()}. Every run is in "
              f"`benchmarks/results/{args.name}.csv`.\n")
     for dataset in args.datasets:
         text += f"\n### {DATASETS[dataset][0]}\n\n"
