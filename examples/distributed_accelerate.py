@@ -84,7 +84,10 @@ y_pred = clf.predict(data.X_test)
 scores = group_accuracy(data.y_test, y_pred, class_counts=data.class_counts)
 checksum = float(sum(p.detach().double().sum() for p in clf.module_.parameters()))
 weights = np.round(clf.class_weights_, 4)
-print(f"process {accelerator.process_index}/{accelerator.num_processes}: "
-      + "  ".join(f"{k} {100 * v:5.1f}" for k, v in scores.items())
-      + f"  parameter checksum {checksum:.6f}  class-weight sum {weights.sum():.4f}",
-      flush=True)
+line = (f"process {accelerator.process_index}/{accelerator.num_processes}: "
+        + "  ".join(f"{k} {100 * v:5.1f}" for k, v in scores.items())
+        + f"  parameter checksum {checksum:.6f}  class-weight sum {weights.sum():.4f}")
+for rank in range(accelerator.num_processes):  # one process at a time, in rank order
+    if rank == accelerator.process_index:
+        print(line, flush=True)
+    accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ class StepWarmupSchedule:
     For the 0-based epoch ``e`` of ``max_epochs``: a linear warm-up ``(e + 1) /
     warmup_epochs`` for the first ``warmup_epochs`` epochs, then 1, ``gamma`` from epoch
     ``int(0.8 * max_epochs)`` and ``gamma^2`` from ``int(0.9 * max_epochs)`` (200 epochs:
-    drops after epochs 160 and 180, the first together with DRW). A ``lr_lambda`` for
+    drops after epochs 160 and 180, the first together with DRW), never in epoch 0. A ``lr_lambda`` for
     :class:`torch.optim.lr_scheduler.LambdaLR`.
 
     Parameters
@@ -37,7 +37,8 @@ class StepWarmupSchedule:
         self.gamma = gamma
 
     def __call__(self, epoch: int) -> float:
-        drops = sum(epoch >= int(f * self.max_epochs) for f in (0.8, 0.9))
+        # max(1, .): a run of a single epoch (or a few) keeps the full rate in epoch 0.
+        drops = sum(epoch >= max(1, int(f * self.max_epochs)) for f in (0.8, 0.9))
         warmup = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
         return self.gamma ** drops * warmup
 
