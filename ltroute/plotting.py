@@ -122,7 +122,7 @@ def plot_per_class_accuracy(
         if start < stop and first.masks[group].any():
             ax.axvspan(start, stop, color=_GROUP_COLOURS[group], zorder=0)
             middle = np.sqrt(start * stop) if log_scale else (start + stop) / 2
-            ax.text(middle, 1.02, group, ha="center", va="bottom", fontsize=8,
+            ax.text(middle, 0.03, f"{group}-shot", ha="center", va="bottom", fontsize=8,
                     transform=ax.get_xaxis_transform())
 
     for name, stat in stats.items():
@@ -140,5 +140,5 @@ def plot_per_class_accuracy(
     ax.set_xlabel("training samples per class")
     ax.set_ylabel("test accuracy of the class (recall)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center right", fontsize=8)  # the group names sit at the bottom
     return ax

@@ -30,7 +30,7 @@ def test_one_series_per_model_with_group_shading():
     np.testing.assert_allclose(lines[1].get_ydata(), [1.0, 1.0, 0.5])
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
     assert labels[0] == "a (overall 66.7%, few 50.0%)"
-    assert {t.get_text() for t in ax.texts} == {"many", "medium", "few"}
+    assert {t.get_text() for t in ax.texts} == {"many-shot", "medium-shot", "few-shot"}
     assert ax.get_xscale() == "log"
     plt.close(ax.figure)
 
