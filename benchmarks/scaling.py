@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.datasets import make_classification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,14 +44,19 @@ def long_tailed_features(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.
     return X.astype(np.float32), y
 
 
-def time_fit(name: str, X: np.ndarray, y: np.ndarray, *, n_experts: int, epochs: int) -> float:
-    clf = ESTIMATORS[name](n_experts=n_experts, max_epochs=epochs, batch_size=256,
-                           random_state=0, device="cpu")
-    if name == "RIDE":
-        clf.set_params(router=False)  # stage 1 only: the router's cost is counted elsewhere
-    start = time.perf_counter()
-    clf.fit(X, y)
-    return time.perf_counter() - start
+def time_fit(name: str, X: np.ndarray, y: np.ndarray, *, n_experts: int, epochs: int,
+             repeats: int = 1) -> float:
+    """Median wall time of ``repeats`` fits (RIDE: stage 1 only, ``router=False``)."""
+    times = []
+    for _ in range(repeats):
+        clf = ESTIMATORS[name](n_experts=n_experts, max_epochs=epochs, batch_size=256,
+                               random_state=0, device="cpu")
+        if name == "RIDE":
+            clf.set_params(router=False)  # stage 1 only: the router's cost is counted elsewhere
+        start = time.perf_counter()
+        clf.fit(X, y)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _plot(sample_rows, expert_rows, path: Path) -> None:
@@ -81,20 +87,30 @@ def main(argv: list[str] | None = None) -> int:
                         default=[1000, 3000, 10000, 30000, 100000])
     parser.add_argument("--experts", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="fits per point (median)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, all cores)")
     parser.add_argument("--name", default="scaling")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    warm_X, warm_y = long_tailed_features(1000)
+    for name in ESTIMATORS:  # first fits pay one-off start-up costs: not timed
+        time_fit(name, warm_X, warm_y, n_experts=3, epochs=1)
 
     sample_rows, expert_rows = [], []
     for n in args.samples:
         X, y = long_tailed_features(n)
         for name in ESTIMATORS:
-            seconds = time_fit(name, X, y, n_experts=3, epochs=args.epochs)
+            seconds = time_fit(name, X, y, n_experts=3, epochs=args.epochs,
+                               repeats=args.repeats)
             sample_rows.append((name, n, seconds))
             print(f"{name:8s} n_samples {n:7d}: {seconds:7.2f} s", flush=True)
     X, y = long_tailed_features(10000)
     for k in args.experts:
         for name in ESTIMATORS:
-            seconds = time_fit(name, X, y, n_experts=k, epochs=args.epochs)
+            seconds = time_fit(name, X, y, n_experts=k, epochs=args.epochs,
+                               repeats=args.repeats)
             expert_rows.append((name, k, seconds))
             print(f"{name:8s} n_experts {k:2d}: {seconds:7.2f} s", flush=True)
 
@@ -102,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     text = provenance_header("Fit-time scaling (CPU)", argv_used)
     text += (f"Synthetic long-tailed features (32 features, {N_CLASSES} classes, ratio 100), "
              f"{args.epochs} epochs, batch 256, default MLP, RIDE without its stage-2 "
-             "router, one fit per point.\n\n")
+             f"router; median of {args.repeats} fits per point after an untimed warm-up "
+             f"fit; torch CPU threads: {torch.get_num_threads()}.\n\n")
     text += "| estimator | " + " | ".join(f"n={n}" for n in args.samples) + " | growth |\n"
     text += "|---|" + "---|" * (len(args.samples) + 1) + "\n"
     for name in ESTIMATORS:
