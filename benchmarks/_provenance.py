@@ -21,7 +21,10 @@ RESULTS_DIR = BENCH_DIR / "results"
 RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 
 #: Fragment order in RESULTS.md; fragments not listed come after, alphabetically.
-ORDER = ["accuracy", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed", "fusion"]
+ORDER = [
+    "accuracy", "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed",
+    "fusion",
+]
 
 
 def _cpu_name() -> str:

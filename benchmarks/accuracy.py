@@ -7,9 +7,10 @@ medium / few-shot accuracy (mean ± std over seeds), mean experts used per test 
 (RIDE's router), the compute relative to running every expert, and fit time.
 
 A *suite* names the methods: ``main`` (the README table: the baselines, RIDE and
-DQRoute), ``ride`` (RIDE's ablations beside the baselines) and ``dqroute`` (DQRoute's
-ablations). Writes ``benchmarks/results/<suite name>.md`` (+ ``.csv`` with every run,
-+ ``.png``) and refreshes ``benchmarks/RESULTS.md``.
+DQRoute), ``baselines`` (every loss of ``LongTailClassifier``), ``ride`` (RIDE's
+ablations beside the baselines) and ``dqroute`` (DQRoute's ablations). Writes
+``benchmarks/results/<suite name>.md`` (+ ``.csv`` with every run, + ``.png``) and
+refreshes ``benchmarks/RESULTS.md``.
 
 Usage::
 
@@ -50,6 +51,8 @@ BASELINES = ["ce", "ldam-drw", "logit-adjusted"]
 SUITES = {
     "main": ("accuracy", [*BASELINES, "ride", "ride-logit-adjusted", "dqroute"],
              "Accuracy on the bundled long-tailed data sets"),
+    "baselines": ("baselines", ["ce", "focal", "ldam", "ldam-drw", "logit-adjusted",
+                                "balanced-softmax"], "Every LongTailClassifier loss"),
     "ride": ("ride_ablations", [*BASELINES, "ride", *RIDE_ABLATIONS, "ride-logit-adjusted"],
              "RIDE: each component switched off"),
     "dqroute": ("dqroute_ablations", [*BASELINES, "dqroute", *DQROUTE_ABLATIONS],

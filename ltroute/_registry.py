@@ -65,6 +65,7 @@ DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
 METHODS: dict[str, Callable[..., LongTailNet]] = {
     "ce": _baseline("ce"),
     "focal": _baseline("focal"),
+    "ldam": _baseline("ldam"),
     "ldam-drw": _baseline("ldam", deferred_reweighting=True),
     "logit-adjusted": _baseline("logit_adjusted"),
     "balanced-softmax": _baseline("balanced_softmax"),

@@ -11,8 +11,8 @@ class StepWarmupSchedule:
     For the 0-based epoch ``e`` of ``max_epochs``: a linear warm-up ``(e + 1) /
     warmup_epochs`` for the first ``warmup_epochs`` epochs, then 1, ``gamma`` from epoch
     ``int(0.8 * max_epochs)`` and ``gamma^2`` from ``int(0.9 * max_epochs)`` (200 epochs:
-    drops after epochs 160 and 180, the first together with DRW), never in epoch 0. A ``lr_lambda`` for
-    :class:`torch.optim.lr_scheduler.LambdaLR`.
+    drops after epochs 160 and 180, the first together with DRW), never in epoch 0. A
+    ``lr_lambda`` for :class:`torch.optim.lr_scheduler.LambdaLR`.
 
     Parameters
     ----------
