@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,17 +36,15 @@ from _provenance import provenance_header, write_fragment  # noqa: E402
 
 from ltroute import LongTailClassifier, RIDEClassifier  # noqa: E402
 from ltroute.datasets import load_letter_lt  # noqa: E402
+from ltroute.nn import count_macs  # noqa: E402
 
 
 def _macs(clf) -> int:
-    """MACs per sample of a fitted estimator's network with every expert (convolutions and
-    matrix products, counted by ``torch.utils.flop_counter``; two FLOPs per MAC)."""
+    """MACs per sample of a fitted estimator's network with every expert."""
     module = clf.module_.eval()
     x = torch.zeros(1, *clf.input_shape_, device=next(module.parameters()).device)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(x)
-    return counter.get_total_flops() // 2
+    with torch.no_grad():
+        return count_macs(module, x)[0]
 
 
 def _time_fit(clf, X, y) -> tuple[float, float]:

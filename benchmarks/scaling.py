@@ -22,26 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import make_classification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
 
 from ltroute import DQRouteClassifier, RIDEClassifier  # noqa: E402
-from ltroute.datasets import long_tailed_counts  # noqa: E402
+from ltroute.datasets import make_long_tailed_classification  # noqa: E402
 
 ESTIMATORS = {"RIDE": RIDEClassifier, "DQRoute": DQRouteClassifier}
-N_CLASSES = 20
-
-
-def long_tailed_features(n_samples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n_samples`` synthetic feature vectors whose classes follow a ratio-100 tail."""
-    counts = long_tailed_counts(1000, N_CLASSES, 100).astype(float)
-    X, y = make_classification(n_samples=n_samples, n_features=32, n_informative=16,
-                               n_classes=N_CLASSES, n_clusters_per_class=1,
-                               weights=counts / counts.sum(), random_state=seed)
-    return X.astype(np.float32), y
+N_CLASSES = 20  # make_long_tailed_classification's default
 
 
 def time_fit(name: str, X: np.ndarray, y: np.ndarray, *, n_experts: int, epochs: int,
@@ -94,19 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    warm_X, warm_y = long_tailed_features(1000)
+    warm_X, warm_y = make_long_tailed_classification(1000)
     for name in ESTIMATORS:  # first fits pay one-off start-up costs: not timed
         time_fit(name, warm_X, warm_y, n_experts=3, epochs=1)
 
     sample_rows, expert_rows = [], []
     for n in args.samples:
-        X, y = long_tailed_features(n)
+        X, y = make_long_tailed_classification(n)
         for name in ESTIMATORS:
             seconds = time_fit(name, X, y, n_experts=3, epochs=args.epochs,
                                repeats=args.repeats)
             sample_rows.append((name, n, seconds))
             print(f"{name:8s} n_samples {n:7d}: {seconds:7.2f} s", flush=True)
-    X, y = long_tailed_features(10000)
+    X, y = make_long_tailed_classification(10000)
     for k in args.experts:
         for name in ESTIMATORS:
             seconds = time_fit(name, X, y, n_experts=k, epochs=args.epochs,

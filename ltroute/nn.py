@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 
 __all__ = [
     "BasicBlock",
+    "count_macs",
     "ConvNetBranch",
     "ConvNetTrunk",
     "ExpertNet",
@@ -401,3 +403,31 @@ class ExpertNet(nn.Module):
              for k in range(self.n_experts)],
             dim=1,
         )
+
+
+def count_macs(fn: Callable[..., Any], *args: Any) -> tuple[int, Any]:
+    """Multiply-accumulates of ``fn(*args)`` and its output.
+
+    Counted by :class:`torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix
+    products; normalisation and activations excluded), which counts two FLOPs per MAC.
+
+    Parameters
+    ----------
+    fn : callable
+        A module or function.
+    *args
+        Its inputs.
+
+    Returns
+    -------
+    macs : int
+    output : Any
+        What ``fn(*args)`` returned.
+    """
+    # Imported here: torch.utils.flop_counter imports triton, which takes seconds.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn(*args)
+    return counter.get_total_flops() // 2, out

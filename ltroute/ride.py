@@ -45,7 +45,7 @@ from ltroute.losses import (
     router_loss,
     router_targets,
 )
-from ltroute.nn import ExpertNet
+from ltroute.nn import ExpertNet, count_macs
 from ltroute.schedules import StepWarmupSchedule
 
 __all__ = ["RIDEClassifier", "RIDERouter", "RIDESGD", "StepWarmupSchedule"]
@@ -104,18 +104,6 @@ class RIDERouter(nn.Module):
         hidden = F.relu(self.hidden[decision](F.normalize(features, dim=1)))
         top = torch.topk(mean_logits, k=self.top_k, dim=1).values
         return self.output(torch.cat((top, hidden), dim=1)).squeeze(1)
-
-
-def _macs(fn, *args) -> tuple[int, Any]:
-    """Multiply-accumulates of ``fn(*args)`` (convolutions and matrix products) and its
-    output; ``FlopCounterMode`` counts two FLOPs per MAC."""
-    # Imported here: torch.utils.flop_counter imports triton, which takes seconds.
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = fn(*args)
-    return counter.get_total_flops() // 2, out
 
 
 def _replace_parameter_docs(doc: str | None, **entries: str) -> str | None:
@@ -539,7 +527,7 @@ class RIDEClassifier(LongTailNet):
         """Stage 2 (router), then the compute counts and usage on the training data."""
         if self.router_module_ is not None:
             self._fit_router(X, y)
-        self.macs_ = self._count_macs()
+        self.macs_ = self._countcount_macs()
         if self._routing():
             self._fused_outputs(X)  # records the usage on the training data
         else:
@@ -655,19 +643,19 @@ class RIDEClassifier(LongTailNet):
             total[active] += z
         return logits, used
 
-    def _count_macs(self) -> dict[str, Any]:
+    def _countcount_macs(self) -> dict[str, Any]:
         """MACs per sample of the trunk, each expert and each routing head."""
         net = self.module_
         param = next(net.parameters())
         self._set_training(False)
         with torch.no_grad():
-            trunk, shared = _macs(net.shared, param.new_zeros(1, *self.input_shape_))
-            experts = [_macs(self._expert_head, shared, k)[0] for k in range(net.n_experts)]
+            trunk, shared = count_macs(net.shared, param.new_zeros(1, *self.input_shape_))
+            experts = [count_macs(self._expert_head, shared, k)[0] for k in range(net.n_experts)]
             router = []
             if self.router_module_ is not None:
                 features = param.new_zeros(1, net.feature_dim)
                 mean_logits = param.new_zeros(1, len(self.classes_))
-                router = [_macs(self.router_module_, features, mean_logits, i)[0]
+                router = [count_macs(self.router_module_, features, mean_logits, i)[0]
                           for i in range(net.n_experts - 1)]
         return {"trunk": int(trunk), "experts": [int(m) for m in experts],
                 "router": [int(m) for m in router]}

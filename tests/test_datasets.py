@@ -16,6 +16,7 @@ from ltroute.datasets import (
     load_mnist_lt,
     long_tailed_counts,
     make_long_tailed,
+    make_long_tailed_classification,
 )
 
 # CIFAR-100-LT, ratio 100 (docs/ride.md section 5, from LDAM-DRW / RIDE).
@@ -495,3 +496,16 @@ def _call_counts(**kwargs):
 def test_public_function_validation(func, kwargs, error, match):
     with pytest.raises(error, match=match):
         func(**kwargs)
+
+
+def test_make_long_tailed_classification_follows_the_profile_and_is_seeded():
+    X, y = make_long_tailed_classification(20000, n_features=8, n_informative=4, n_classes=5,
+                                           imbalance_ratio=10, random_state=3)
+    assert X.shape == (20000, 8) and X.dtype == np.float32
+    share = np.bincount(y, minlength=5) / len(y)
+    expected = long_tailed_counts(1000, 5, 10) / long_tailed_counts(1000, 5, 10).sum()
+    np.testing.assert_allclose(share, expected, atol=0.02)
+    X2, y2 = make_long_tailed_classification(20000, n_features=8, n_informative=4,
+                                             n_classes=5, imbalance_ratio=10, random_state=3)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(y, y2)

@@ -11,27 +11,14 @@ learning shows up in the history.
 
 from __future__ import annotations
 
-import numpy as np
-from sklearn.datasets import make_classification
-
 from benchmarks.common import Benchmark, default_device
 from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
-from ltroute.datasets import load_letter_lt, long_tailed_counts
+from ltroute.datasets import load_letter_lt, make_long_tailed_classification
 from ltroute.metrics import few_shot_accuracy
 
 ESTIMATORS = {"ride": RIDEClassifier, "dqroute": DQRouteClassifier}
 SMALL = {"hidden_sizes": (64,), "expert_hidden_sizes": (32,), "max_epochs": 2,
          "random_state": 0}
-N_CLASSES = 20
-
-
-def long_tailed_features(n_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n_samples`` synthetic float32 features whose labels follow a ratio-100 tail."""
-    weights = long_tailed_counts(1000, N_CLASSES, 100).astype(float)
-    X, y = make_classification(n_samples=n_samples, n_features=32, n_informative=16,
-                               n_classes=N_CLASSES, n_clusters_per_class=1,
-                               weights=list(weights / weights.sum()), random_state=0)
-    return X.astype(np.float32), y
 
 
 def _estimator(method: str, n_experts: int):
@@ -48,7 +35,7 @@ class EstimatorFit(Benchmark):
     params = (["ride", "dqroute"], [1_000, 10_000], [1, 3, 8])
 
     def setup(self, method, n_samples, n_experts):
-        self.X, self.y = long_tailed_features(n_samples)
+        self.X, self.y = make_long_tailed_classification(n_samples)
 
     def time_fit(self, method, n_samples, n_experts):
         _estimator(method, n_experts).fit(self.X, self.y)
@@ -64,7 +51,7 @@ class EstimatorPredict(Benchmark):
     params = (["ride", "dqroute"], [1_000, 10_000], [1, 3, 8])
 
     def setup(self, method, n_samples, n_experts):
-        self.X, y = long_tailed_features(n_samples)
+        self.X, y = make_long_tailed_classification(n_samples)
         self.clf = _estimator(method, n_experts).fit(self.X, y)
 
     def time_predict_proba(self, method, n_samples, n_experts):

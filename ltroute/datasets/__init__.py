@@ -2,6 +2,7 @@
 
 - :func:`long_tailed_counts` -- class counts of an exponential or step long tail.
 - :func:`make_long_tailed` -- undersample any labelled data set to a long tail.
+- :func:`make_long_tailed_classification` -- synthetic long-tailed features of any size.
 - :func:`load_letter_lt`, :func:`load_mnist_lt`, :func:`load_digits_lt` -- small real
   data sets shipped with ltroute (or scikit-learn), split into a long-tailed training
   set and a balanced, disjoint test set.
@@ -11,7 +12,11 @@
 
 from ltroute.datasets._bundled import load_digits_lt, load_letter_lt, load_mnist_lt
 from ltroute.datasets._cifar import load_cifar_lt
-from ltroute.datasets._long_tailed import long_tailed_counts, make_long_tailed
+from ltroute.datasets._long_tailed import (
+    long_tailed_counts,
+    make_long_tailed,
+    make_long_tailed_classification,
+)
 
 __all__ = [
     "load_cifar_lt",
@@ -20,4 +25,5 @@ __all__ = [
     "load_mnist_lt",
     "long_tailed_counts",
     "make_long_tailed",
+    "make_long_tailed_classification",
 ]

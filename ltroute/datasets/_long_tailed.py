@@ -305,3 +305,53 @@ def make_long_tailed(
     keep = [rng.permutation(np.flatnonzero(y_idx == k))[: needed[k]] for k in range(classes.size)]
     keep = np.sort(np.concatenate(keep))
     return _safe_indexing(X, keep, axis=0), _safe_indexing(y, keep, axis=0)
+
+
+def make_long_tailed_classification(
+    n_samples: int,
+    *,
+    n_features: int = 32,
+    n_informative: int = 16,
+    n_classes: int = 20,
+    imbalance_ratio: float = 100,
+    random_state: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic float32 features whose labels follow an exponential long tail.
+
+    :func:`sklearn.datasets.make_classification` (one cluster per class) with class
+    weights proportional to :func:`long_tailed_counts`; used by the scaling and asv
+    benchmarks, where the sample count must be free.
+
+    Parameters
+    ----------
+    n_samples : int
+        Number of rows.
+    n_features, n_informative : int, default=32, 16
+        As in ``make_classification``.
+    n_classes : int, default=20
+        Number of classes; class ``0`` is the most frequent.
+    imbalance_ratio : float, default=100
+        Frequency of the head class over that of the tail class.
+    random_state : int or None, default=0
+        Seed of ``make_classification``.
+
+    Returns
+    -------
+    X : ndarray of shape (n_samples, n_features), float32
+    y : ndarray of shape (n_samples,), int
+
+    Examples
+    --------
+    >>> from ltroute.datasets import make_long_tailed_classification
+    >>> X, y = make_long_tailed_classification(2000, n_classes=5, imbalance_ratio=10)
+    >>> X.dtype, X.shape, bool((np.bincount(y)[0] > 5 * np.bincount(y)[-1]))
+    (dtype('float32'), (2000, 32), True)
+    """
+    from sklearn.datasets import make_classification
+
+    counts = long_tailed_counts(1000, n_classes, imbalance_ratio).astype(float)
+    X, y = make_classification(n_samples=n_samples, n_features=n_features,
+                               n_informative=n_informative, n_classes=n_classes,
+                               n_clusters_per_class=1, weights=counts / counts.sum(),
+                               random_state=random_state)
+    return X.astype(np.float32), y
