@@ -34,7 +34,7 @@ from skorch.utils import to_tensor
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import ExpertNet
-from ltroute.schedules import StepWarmupSchedule
+from ltroute.schedules import StepWarmupSchedule, default_drw_epoch
 
 __all__ = ["LongTailNet"]
 
@@ -283,10 +283,16 @@ class LongTailNet(NeuralNetClassifier):
 
     def evaluation_step(self, batch, training=False):
         """Return ``(probs, energy, weights)`` of the fused experts for one batch."""
-        logits = super().evaluation_step(batch, training=training)
+        logits, sample_mask = self._inference_logits(batch, training=training)
         with torch.set_grad_enabled(training):
-            fused = self._fuse(logits)
+            fused = self._fuse(logits, sample_mask=sample_mask)
         return fused.probs, fused.energy, fused.weights
+
+    def _inference_logits(self, batch, training: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Expert logits (B, K, C) of one batch and the mask (B, K) of the experts each
+        sample uses (``None``: all); RIDE's router overrides it."""
+        return super().evaluation_step(batch, training=training), None
 
     # ------------------------------------------------------- method interface
     def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -297,20 +303,25 @@ class LongTailNet(NeuralNetClassifier):
         """Hook run after skorch's training loop, inside the same device and seeded RNG
         context (e.g. RIDE's second stage); ``y`` is encoded. Does nothing by default."""
 
-    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False) -> FusionResult:
-        """Combine expert logits; the default averages the logits of all experts."""
-        return fuse_experts(logits, weighting="uniform", combine="logit",
-                            return_log_probs=return_log_probs)
+    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False,
+              sample_mask: torch.Tensor | None = None) -> FusionResult:
+        """Combine expert logits; the default averages the logits of the experts in
+        ``sample_mask`` (default: all)."""
+        return fuse_experts(logits, sample_mask=sample_mask, weighting="uniform",
+                            combine="logit", return_log_probs=return_log_probs)
 
     @property
     def current_epoch_(self) -> int:
         """1-based number of the epoch being trained (0 before training)."""
         return len(self.history_) if self.history_ is not None else 0
 
-    def _drw_weights(self, drw_epoch: int | None, beta: float) -> torch.Tensor | None:
+    def _drw_weights(self, drw_epoch: int | str | None, beta: float) -> torch.Tensor | None:
         """Deferred re-weighting: effective-number class weights (summing to ``C``) from
-        the first epoch after ``drw_epoch`` (1-based, LDAM-DRW's ``epoch > 160``); before
-        that, and when ``drw_epoch`` is None, no weights."""
+        the first epoch after ``drw_epoch`` (1-based, LDAM-DRW's ``epoch > 160``; "auto":
+        :func:`~ltroute.schedules.default_drw_epoch`); before that, and when
+        ``drw_epoch`` is None, no weights."""
+        if drw_epoch == "auto":
+            drw_epoch = default_drw_epoch(self.max_epochs)
         if drw_epoch is None or self.current_epoch_ <= drw_epoch:
             return None
         return effective_number_weights(self.class_counts_, beta=beta).to(self.device)

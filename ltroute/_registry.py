@@ -18,21 +18,9 @@ from ltroute.ride import RIDEClassifier
 __all__ = ["DEFAULT_METHODS", "DQROUTE_ABLATIONS", "METHODS", "RIDE_ABLATIONS", "make_estimator"]
 
 
-def _drw_epoch(max_epochs: int) -> int:
-    return int(0.8 * max_epochs)
-
-
-def _baseline(loss: str, deferred_reweighting: bool = False) -> Callable[..., LongTailNet]:
-    def factory(max_epochs: int, **kwargs: Any) -> LongTailNet:
-        drw = _drw_epoch(max_epochs) if deferred_reweighting else None
-        return LongTailClassifier(loss=loss, drw_epoch=drw, max_epochs=max_epochs, **kwargs)
-
-    return factory
-
-
 def _configured(cls: type[LongTailNet], **params: Any) -> Callable[..., LongTailNet]:
-    """Factory of ``cls`` with ``params`` (schedule-dependent defaults such as RIDE's DRW
-    epoch and DQRoute's prior start are derived by the estimators themselves)."""
+    """Factory of ``cls`` with ``params`` (schedule-dependent settings such as the DRW
+    epoch are derived by the estimators from ``max_epochs``)."""
     def factory(max_epochs: int, **kwargs: Any) -> LongTailNet:
         return cls(max_epochs=max_epochs, **params, **kwargs)
 
@@ -63,12 +51,12 @@ DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 METHODS: dict[str, Callable[..., LongTailNet]] = {
-    "ce": _baseline("ce"),
-    "focal": _baseline("focal"),
-    "ldam": _baseline("ldam"),
-    "ldam-drw": _baseline("ldam", deferred_reweighting=True),
-    "logit-adjusted": _baseline("logit_adjusted"),
-    "balanced-softmax": _baseline("balanced_softmax"),
+    "ce": _configured(LongTailClassifier, loss="ce"),
+    "focal": _configured(LongTailClassifier, loss="focal"),
+    "ldam": _configured(LongTailClassifier, loss="ldam"),
+    "ldam-drw": _configured(LongTailClassifier, loss="ldam", drw_epoch="auto"),
+    "logit-adjusted": _configured(LongTailClassifier, loss="logit_adjusted"),
+    "balanced-softmax": _configured(LongTailClassifier, loss="balanced_softmax"),
     "ride": _configured(RIDEClassifier),
     # "RIDE + X" with logit-adjusted experts (the paper's default X is LDAM-DRW).
     "ride-logit-adjusted": _configured(RIDEClassifier, loss="logit_adjusted"),

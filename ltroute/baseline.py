@@ -45,12 +45,13 @@ class LongTailClassifier(LongTailNet):
 
         Prediction is always ``argmax z``.
 
-    drw_epoch : int or None, default=None
+    drw_epoch : int, "auto" or None, default=None
         Deferred re-weighting (Cao et al. 2019): from the first epoch *after*
         ``drw_epoch`` (1-based, as in LDAM-DRW's ``epoch > 160`` of 200) every loss is
         class-weighted by effective-number weights ``(1 - beta) / (1 - beta^{n_c})``
-        normalised to sum to ``C`` (Cui et al. 2019). ``None`` disables DRW; ``0``
-        weights from the first epoch.
+        normalised to sum to ``C`` (Cui et al. 2019). ``"auto"`` is ``int(0.8 *
+        max_epochs)`` (LDAM-DRW's 160 of 200); ``None`` disables DRW; ``0`` weights from
+        the first epoch.
 
     drw_beta : float, default=0.9999
         ``beta`` of the effective-number weights.
@@ -107,7 +108,7 @@ class LongTailClassifier(LongTailNet):
     _parameter_constraints: dict[str, list] = {
         **LongTailNet._parameter_constraints,
         "loss": [StrOptions(set(LOSSES))],
-        "drw_epoch": [Interval(Integral, 0, None, closed="left"), None],
+        "drw_epoch": [Interval(Integral, 0, None, closed="left"), StrOptions({"auto"}), None],
         "drw_beta": [Interval(Real, 0, 1, closed="left")],
         "ldam_max_margin": [Interval(Real, 0, None, closed="neither")],
         "focal_gamma": [Interval(Real, 0, None, closed="left")],

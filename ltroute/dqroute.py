@@ -784,10 +784,12 @@ class DQRouteClassifier(LongTailNet):
             loss = loss + self.lambda_ood * ood
         return loss
 
-    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False, *,
+    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False,
+              sample_mask: torch.Tensor | None = None, *,
               routing: str | None = None) -> FusionResult:
         """Energy-weighted mixture of the region softmaxes (see the class Notes).
 
+        ``sample_mask`` (B, K) leaves experts out per sample (DQRoute itself passes none);
         ``routing`` overrides the ``routing`` parameter (training uses ``"soft"``). The
         returned energies are the uncorrected region energies ``E_k``.
         """
@@ -807,8 +809,8 @@ class DQRouteClassifier(LongTailNet):
             sizes = membership.sum(dim=1).to(logits.dtype)
             shift = (-float(self.energy_T) * torch.log(sizes)).expand(logits.shape[0], -1)
         shifted = logits if shift is None else logits + shift.unsqueeze(2)
-        fused = fuse_experts(shifted, weighting="energy", return_log_probs=return_log_probs,
-                             **options)
+        fused = fuse_experts(shifted, sample_mask=sample_mask, weighting="energy",
+                             return_log_probs=return_log_probs, **options)
         if (self.routing if routing is None else routing) == "hard":
             chosen = F.one_hot(fused.weights.argmax(dim=1), logits.shape[1]).bool()
             fused = fuse_experts(shifted, sample_mask=chosen, weighting="uniform",

@@ -31,7 +31,6 @@ from torch import nn
 
 from ltroute._base import LongTailNet
 from ltroute._docstring import shared_docs
-from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import (
     LogProbNLLLoss,
     cross_entropy,
@@ -487,29 +486,21 @@ class RIDEClassifier(LongTailNet):
             if param not in frozen:
                 yield name, param
 
-    def evaluation_step(self, batch, training=False):
-        """Routed inference once the router is trained; all experts otherwise."""
+    def _inference_logits(self, batch, training=False):
+        """Routed expert logits and used-expert mask once the router is trained; all
+        experts otherwise."""
         if training or not self._routing():
-            return super().evaluation_step(batch, training=training)
+            return super()._inference_logits(batch, training=training)
         self.check_is_fitted()
         Xi, _ = unpack_data(batch)
         with torch.no_grad():
             self._set_training(False)
-            logits, used = self._routed_logits(to_tensor(Xi, device=self.device))
-            fused = self._fuse(logits, sample_mask=used)
-        return fused.probs, fused.energy, fused.weights
+            return self._routed_logits(to_tensor(Xi, device=self.device))
 
     # ---------------------------------------------------------- method hooks
-    def _fuse(self, logits: torch.Tensor, return_log_probs: bool = False,
-              sample_mask: torch.Tensor | None = None) -> FusionResult:
-        """Mean logit of the experts in ``sample_mask`` (default: all), then softmax."""
-        return fuse_experts(logits, sample_mask=sample_mask, weighting="uniform",
-                            combine="logit", return_log_probs=return_log_probs)
-
     def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        n_samples, n_experts, n_classes = logits.shape
-        drw_epoch = self._resolved_drw_epoch()
-        weight = self._drw_weights(drw_epoch, self.drw_beta)
+        _, n_experts, n_classes = logits.shape
+        weight = self._drw_weights(self.drw_epoch, self.drw_beta)
         if self.collaborative:
             loss = n_experts * self._classification_loss(logits.mean(dim=1), y, weight)
         else:
@@ -527,18 +518,13 @@ class RIDEClassifier(LongTailNet):
         """Stage 2 (router), then the compute counts and usage on the training data."""
         if self.router_module_ is not None:
             self._fit_router(X, y)
-        self.macs_ = self._countcount_macs()
+        self.macs_ = self._count_macs()
         if self._routing():
             self._fused_outputs(X)  # records the usage on the training data
         else:
             self._record_usage(torch.full((len(X),), self.module_.n_experts))
 
     # ------------------------------------------------------------- stage 1
-    def _resolved_drw_epoch(self) -> int | None:
-        if self.drw_epoch == "auto":
-            return int(0.8 * self.max_epochs)
-        return self.drw_epoch
-
     def _classification_loss(self, z: torch.Tensor, y: torch.Tensor,
                              weight: torch.Tensor | None) -> torch.Tensor:
         if self.loss == "ce":
@@ -643,7 +629,7 @@ class RIDEClassifier(LongTailNet):
             total[active] += z
         return logits, used
 
-    def _countcount_macs(self) -> dict[str, Any]:
+    def _count_macs(self) -> dict[str, Any]:
         """MACs per sample of the trunk, each expert and each routing head."""
         net = self.module_
         param = next(net.parameters())

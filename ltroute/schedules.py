@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["StepWarmupSchedule"]
+__all__ = ["StepWarmupSchedule", "default_drw_epoch"]
+
+
+def default_drw_epoch(max_epochs: int) -> int:
+    """The deferred re-weighting epoch of LDAM-DRW and RIDE scaled to ``max_epochs``: 80 %
+    of the epochs (160 of 200), where the step schedule also drops the learning rate."""
+    return int(0.8 * max_epochs)
 
 
 class StepWarmupSchedule:
@@ -38,7 +44,8 @@ class StepWarmupSchedule:
 
     def __call__(self, epoch: int) -> float:
         # max(1, .): a run of a single epoch (or a few) keeps the full rate in epoch 0.
-        drops = sum(epoch >= max(1, int(f * self.max_epochs)) for f in (0.8, 0.9))
+        first, second = default_drw_epoch(self.max_epochs), int(0.9 * self.max_epochs)
+        drops = sum(epoch >= max(1, step) for step in (first, second))
         warmup = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
         return self.gamma ** drops * warmup
 
