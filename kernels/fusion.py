@@ -45,7 +45,6 @@ import triton.language as tl
 # Largest (BLOCK_K x BLOCK_C) block one program keeps in registers, in elements.
 _MAX_TILE_FWD = 16384
 _MAX_TILE_BWD = 8192
-_MAX_EXPERTS = 64
 
 # Tests set this (monkeypatch) to force a block size, e.g. to exercise tiling at small C.
 _BLOCK_C_OVERRIDE: int | None = None
@@ -703,15 +702,6 @@ def _mask_arg(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple:
     return view, view.stride(0), view.stride(1)
 
 
-def _check_launch(Z: torch.Tensor) -> None:
-    if Z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"The Triton fusion kernel supports float32, float16 and bfloat16 "
-                        f"logits, got {Z.dtype}; use backend='torch'.")
-    if Z.shape[1] > _MAX_EXPERTS:
-        raise ValueError(f"The Triton fusion kernel supports at most {_MAX_EXPERTS} experts, "
-                         f"got {Z.shape[1]}; use backend='torch'.")
-
-
 def _fusion_forward(
     Z: torch.Tensor,
     region_mask: torch.Tensor | None,
@@ -724,7 +714,8 @@ def _fusion_forward(
     return_log_probs: bool,
     save_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, tuple]:
-    """Launch the forward kernel.
+    """Launch the forward kernel (dtype and expert count are checked by the caller,
+    :func:`ltroute.fusion.fuse_experts`).
 
     Returns
     -------
@@ -734,7 +725,6 @@ def _fusion_forward(
         the log-sum-exps, (B, 2 or 4, K), and for ``combine="logit"`` those of the
         combined logits, (B, 2) (``None`` entries when not needed or not ``save_stats``).
     """
-    _check_launch(Z)
     n_samples, n_experts, n_classes = Z.shape
     device = Z.device
     f32 = torch.float32

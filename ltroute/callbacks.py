@@ -58,7 +58,9 @@ class EpochProgressBar(Callback):
 class DifficultyWeighting(Callback):
     r"""Per-class difficulty from the fused predictions and adaptive class weights.
 
-    DQRoute's *Weight* step, usable with any ltroute estimator. During each epoch it
+    DQRoute's *Weight* step. With any ltroute estimator it tracks the statistics and
+    weights below; only :class:`~ltroute.DQRouteClassifier`'s loss reads
+    ``class_weights_``. During each epoch it
     accumulates, for every class ``c``, the mean predictive uncertainty ``H_c`` and the
     accuracy ``acc_c`` of the estimator's fused prediction (detached; on the training
     batches in train mode, or on the validation batches with ``source="valid"``). At the
@@ -79,9 +81,8 @@ class DifficultyWeighting(Callback):
     The results are written to the estimator as ``difficulty_``, ``class_entropy_``,
     ``class_accuracy_ema_``, ``difficulty_weights_``, ``class_weights_`` and
     ``difficulty_history_``, and recorded in its history as ``difficulty`` and
-    ``class_weights`` (lists over the classes). The estimator's loss reads
-    ``class_weights_``. The per-epoch statistics are three sums per class, so they can be
-    all-reduced across processes.
+    ``class_weights`` (lists over the classes). The per-epoch statistics are three sums
+    per class, so they are all-reduced across processes.
 
     Parameters
     ----------

@@ -45,9 +45,8 @@ from ltroute.losses import (
     router_targets,
 )
 from ltroute.nn import ExpertNet, count_macs
-from ltroute.schedules import StepWarmupSchedule
 
-__all__ = ["RIDEClassifier", "RIDERouter", "RIDESGD", "StepWarmupSchedule"]
+__all__ = ["RIDEClassifier", "RIDERouter", "RIDESGD"]
 
 LOSSES = ("ldam", "ce", "focal", "logit_adjusted")
 
@@ -674,8 +673,8 @@ RIDEClassifier.__doc__ = _replace_parameter_docs(
     RIDEClassifier.__doc__,
     lr_schedule="""    lr_schedule : {"step"} or None, default="step"
         Stage-1 learning-rate schedule. ``"step"`` is the official CIFAR schedule scaled
-        to ``max_epochs`` (:class:`StepWarmupSchedule`): linear warm-up over 5 epochs,
-        then ``lr``, ``0.01 lr`` from 80 % of the epochs (where ``drw_epoch="auto"``
+        to ``max_epochs`` (:class:`~ltroute.schedules.StepWarmupSchedule`): linear warm-up
+        over 5 epochs, then ``lr``, ``0.01 lr`` from 80 % of the epochs (where ``drw_epoch="auto"``
         starts DRW) and ``1e-4 lr`` from 90 %. It runs as the skorch callback named
         ``"lr_schedule"``. ``None`` keeps ``lr`` constant (use it when passing your own
         ``LRScheduler`` callback).""",

@@ -280,10 +280,11 @@ def test_expanded_upstream_gradients_and_no_grad_path():
 
 @interpreter_test
 def test_empty_batch():
-    out = fuse_experts(torch.zeros(0, 3, 5, requires_grad=True), backend="triton",
-                       return_log_probs=True)
+    Z = torch.zeros(0, 3, 5, requires_grad=True)
+    out = fuse_experts(Z, backend="triton", return_log_probs=True)
     assert out.probs.shape == (0, 5) and out.energy.shape == (0, 3)
     out.probs.sum().backward()
+    assert Z.grad.shape == (0, 3, 5)
 
 
 @interpreter_test

@@ -25,7 +25,8 @@ from ltroute.losses import (
     router_targets,
 )
 from ltroute.metrics import few_shot_scorer, group_accuracy
-from ltroute.ride import RIDESGD, StepWarmupSchedule
+from ltroute.ride import RIDESGD
+from ltroute.schedules import StepWarmupSchedule
 
 CIFAR100_LT = long_tailed_counts(500, 100, 100)
 # (class index, n_c, LDAM margin m_c, DRW weight w_c, temperature T_c): ride.md, 2.4.
@@ -294,7 +295,9 @@ def test_clone_and_pickle_keep_the_router(fitted, data):
     restored = pickle.loads(pickle.dumps(fitted))
     np.testing.assert_array_equal(restored.predict_proba(X_test), fitted.predict_proba(X_test))
     np.testing.assert_array_equal(restored.route(X_test), fitted.route(X_test))
-    assert restored.router_module_ is not fitted.router_module_
+    for a, b in zip(restored.router_module_.parameters(), fitted.router_module_.parameters(),
+                    strict=True):
+        torch.testing.assert_close(a, b)
     fresh = clone(fitted)
     assert fresh.get_params()["router_threshold"] == 0.5 and not hasattr(fresh, "module_")
     # Router arguments go through skorch's prefix (``router_module__*``).
@@ -318,8 +321,8 @@ def test_pipeline_and_grid_search_with_a_few_shot_scorer(small_letter):
     grid = GridSearchCV(pipe, {"rideclassifier__diversity_weight": [0.0, -0.45]},
                         scoring=few_shot_scorer, cv=StratifiedKFold(2))
     grid.fit(X, y)
-    assert grid.best_params_["rideclassifier__diversity_weight"] in (0.0, -0.45)
-    assert 0 <= grid.best_score_ <= 1
+    # The scorer reads the training counts through the Pipeline: finite few-shot scores.
+    assert np.all(np.isfinite(grid.cv_results_["mean_test_score"]))
     assert grid.best_estimator_[-1].router_module_ is not None
 
 
