@@ -8,10 +8,13 @@
   set and a balanced, disjoint test set.
 - :func:`load_cifar_lt` -- CIFAR-10-LT / CIFAR-100-LT exactly as LDAM-DRW and RIDE
   build them, from the official files.
+- :class:`ImageFolder` -- a ``root/<class>/<image>`` folder as a lazy torch Dataset
+  (Pillow; torchvision's ``ImageFolder`` attributes, tensors in ``[0, 1]``).
 """
 
 from ltroute.datasets._bundled import load_digits_lt, load_letter_lt, load_mnist_lt
 from ltroute.datasets._cifar import load_cifar_lt
+from ltroute.datasets._image_folder import ImageFolder
 from ltroute.datasets._long_tailed import (
     long_tailed_counts,
     make_long_tailed,
@@ -19,6 +22,7 @@ from ltroute.datasets._long_tailed import (
 )
 
 __all__ = [
+    "ImageFolder",
     "load_cifar_lt",
     "load_digits_lt",
     "load_letter_lt",
