@@ -31,6 +31,20 @@ from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
 from skorch.utils import to_tensor
 
+from ltroute._validation import (
+    build_checked_network,
+    check_batch_norm_batches,
+    check_fit_sample_weight,
+    check_layer_sizes,
+    check_probabilities,
+    check_reserved_module_params,
+    device_problem,
+    rollback_on_error,
+    split_sample_weight,
+    with_sample_weight,
+    writable,
+)
+from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import ExpertNet
@@ -114,8 +128,11 @@ class LongTailNet(NeuralNetClassifier):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, X, y, **fit_params):
+    def fit(self, X, y, sample_weight=None, **fit_params):
         """Validate and encode the data, then train with skorch.
+
+        Everything is validated before any fitted attribute changes, and a fit that fails
+        before its first training step leaves the estimator exactly as it was.
 
         Parameters
         ----------
@@ -123,6 +140,18 @@ class LongTailNet(NeuralNetClassifier):
             Feature matrix or image tensor (numpy, pandas or torch; cast to float32).
         y : array-like of shape (n_samples,)
             Class labels (strings or any integers); at least two classes.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative, finite weights (at least one positive) multiplying each
+            sample's terms of the training loss. With class weights ``w`` (deferred
+            re-weighting, DQRoute's difficulty weights ``omega``) a sample's term weighs
+            ``s_i w_{y_i}``, and every loss term (LDAM, logit-adjusted, CE, focal, RIDE's
+            diversity KL, DQRoute's region, fused and OOD losses) is the mean under these
+            products, ``sum_i s_i w_{y_i} l_i / sum_i s_i w_{y_i}`` per batch, so integer
+            weights act as repeated rows within a batch; DQRoute's difficulty statistics
+            are weighted means too. ``class_counts_`` (and the priors, LDAM margins, DRW
+            weights and DQRoute regions computed from it) counts rows, unweighted; the
+            validation loss is unweighted. ``None`` or constant weights: every sample
+            counts the same.
         **fit_params : dict
             Passed to the module's ``forward`` by skorch.
 
@@ -131,21 +160,24 @@ class LongTailNet(NeuralNetClassifier):
         self : object
             The fitted estimator.
         """
-        self._check_params()
-        X, y_encoded, classes = self._validate_training_data(X, y)
-        continuing = self.warm_start and self.initialized_
-        if continuing and not np.array_equal(classes, self.classes_):
-            raise ValueError("warm_start=True needs the same classes as the previous fit; "
-                             f"got {classes.tolist()} after {self.classes_.tolist()}.")
-        self.classes_ = classes
-        self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
-        self.input_shape_ = tuple(int(s) for s in X.shape[1:])
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        with self._runtime(seed=seed):
-            if not continuing:
-                self.initialize()
-            NeuralNet.partial_fit(self, X, y_encoded, **fit_params)
-            self._after_training(X, y_encoded)
+        with rollback_on_error(self):
+            self._check_params()
+            continuing = bool(self.warm_start and self.initialized_)
+            X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
+            sample_weight = check_fit_sample_weight(sample_weight, X, len(y_encoded))
+            if continuing and not np.array_equal(classes, self.classes_):
+                raise ValueError("warm_start=True needs the same classes as the previous fit; "
+                                 f"got {classes.tolist()} after {self.classes_.tolist()}.")
+            self.classes_ = classes
+            self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
+            self.input_shape_ = tuple(int(s) for s in X.shape[1:])
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+            with self._runtime(seed=seed):
+                if not continuing:
+                    self.initialize()
+                NeuralNet.partial_fit(self, with_sample_weight(X, sample_weight), y_encoded,
+                                      **fit_params)
+                self._after_training(X, y_encoded)
         return self
 
     @available_if(_never)
@@ -161,11 +193,24 @@ class LongTailNet(NeuralNetClassifier):
         if self.predict_nonlinearity != "auto":
             raise ValueError("predict_nonlinearity is not used by ltroute estimators: "
                              "predict_proba returns the fused probabilities.")
+        check_layer_sizes(self.hidden_sizes, "hidden_sizes")
+        check_layer_sizes(self.expert_hidden_sizes, "expert_hidden_sizes")
+        problem = device_problem(self.device)
+        if problem is not None:
+            raise ValueError(f"{type(self).__name__}: device={self.device!r}: {problem}.")
 
-    def _validate_training_data(self, X, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return float32 ``X``, encoded int64 ``y`` and the sorted class labels."""
+    def _validate_training_data(self, X, y, reset: bool = True
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return float32 ``X``, encoded int64 ``y`` and the sorted class labels.
+
+        ``reset=False`` (a warm start continuing the fitted network) checks ``X`` against
+        the fitted shape and feature names instead of replacing them.
+        """
         ndim = self._check_input_ndim(X)
-        X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=ndim == 4)
+        if not reset:
+            self._check_input_shape(X, ndim)
+        X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=ndim == 4, reset=reset)
+        X = writable(X)
         check_classification_targets(y)
         classes, y_encoded = np.unique(y, return_inverse=True)
         if len(classes) < 2:
@@ -190,13 +235,18 @@ class LongTailNet(NeuralNetClassifier):
     def _validate_predict_data(self, X) -> np.ndarray:
         check_is_fitted(self, ["module_", "classes_"])
         ndim = self._check_input_ndim(X)
+        self._check_input_shape(X, ndim)
+        return writable(validate_data(self, X, reset=False, dtype=np.float32,
+                                      allow_nd=ndim == 4))
+
+    def _check_input_shape(self, X, ndim: int) -> None:
+        """Images must have the fitted sample shape (features are checked by sklearn)."""
         shape = tuple(X.shape) if hasattr(X, "shape") else np.asarray(X).shape
         if tuple(shape[1:]) != self.input_shape_ and (ndim == 4 or len(self.input_shape_) == 3):
             kind = "images" if len(self.input_shape_) == 3 else "feature vectors"
             raise ValueError(f"X has samples of shape {tuple(shape[1:])}, but "
                              f"{type(self).__name__} was fitted on {kind} of shape "
                              f"{self.input_shape_}.")
-        return validate_data(self, X, reset=False, dtype=np.float32, allow_nd=ndim == 4)
 
     @contextlib.contextmanager
     def _runtime(self, seed: int | None = None) -> Iterator[None]:
@@ -239,7 +289,9 @@ class LongTailNet(NeuralNetClassifier):
                                           gamma=self._lr_decay)
             callbacks.append(("lr_schedule", LRScheduler(torch.optim.lr_scheduler.LambdaLR,
                                                          lr_lambda=schedule)))
-        return [*callbacks, ("print_log", PrintLog())]
+        # BatchNorm statistics first: the convergence check predicts with them.
+        return [*callbacks, ("batchnorm_recalibration", BatchNormRecalibration()),
+                ("print_log", PrintLog()), ("convergence_check", ConvergenceCheck())]
 
     def _module_params(self) -> dict[str, Any]:
         """Keyword arguments of the network, sized from the fitted data."""
@@ -256,9 +308,16 @@ class LongTailNet(NeuralNetClassifier):
         }
 
     def initialize_module(self):
-        """Build the network from the fitted shapes (constructor parameters untouched)."""
-        kwargs = self._module_params() | self.get_params_for("module")
-        self.module_ = self.module(**kwargs)
+        """Build the network from the fitted shapes (constructor parameters untouched) and
+        check that it runs on them."""
+        module_params = self._module_params()
+        overrides = self.get_params_for("module")
+        check_reserved_module_params(self, module_params, overrides)
+        kwargs = module_params | overrides
+        self.module_ = build_checked_network(
+            lambda shape: self.module(**(kwargs | {"input_shape": shape})),
+            self.input_shape_, int(kwargs["n_experts"]), len(self.classes_),
+            type(self).__name__)
         return self
 
     def get_iterator(self, dataset, training=False):
@@ -268,18 +327,27 @@ class LongTailNet(NeuralNetClassifier):
         kwargs = self.get_params_for("iterator_train")
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
+        check_batch_norm_batches(self, len(dataset), kwargs["batch_size"])
         kwargs.setdefault("shuffle", True)
         if "drop_last" not in kwargs and len(dataset) > 1:
             kwargs["drop_last"] = len(dataset) % kwargs["batch_size"] == 1
         return self.iterator_train(dataset, **kwargs)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        """Method loss on expert logits in training; ``criterion`` on fused log-probs else."""
+        """Method loss on expert logits in training (weighted by ``fit``'s
+        ``sample_weight``); ``criterion`` on fused log-probs else (unweighted)."""
         y_true = to_tensor(y_true, device=self.device)
         if training:
-            return self._training_loss(y_pred, y_true)
+            sample_weight = split_sample_weight(X)[1]
+            if sample_weight is not None:
+                sample_weight = sample_weight.to(self.device)
+            return self._training_loss(y_pred, y_true, sample_weight=sample_weight)
         fused = self._fuse(y_pred, return_log_probs=True)
         return self.criterion_(fused.log_probs, y_true)
+
+    def infer(self, x, **fit_params):
+        """skorch's ``infer`` on the batch's inputs (without ``fit``'s sample weights)."""
+        return super().infer(split_sample_weight(x)[0], **fit_params)
 
     def evaluation_step(self, batch, training=False):
         """Return ``(probs, energy, weights)`` of the fused experts for one batch."""
@@ -295,8 +363,10 @@ class LongTailNet(NeuralNetClassifier):
         return super().evaluation_step(batch, training=training), None
 
     # ------------------------------------------------------- method interface
-    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Training objective on expert logits (B, K, C) and encoded labels (B,)."""
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor,
+                       sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Training objective on expert logits (B, K, C) and encoded labels (B,); the
+        non-negative ``sample_weight`` (B,) multiplies each sample's terms."""
         raise NotImplementedError
 
     def _after_training(self, X: np.ndarray, y: np.ndarray) -> None:
@@ -328,8 +398,11 @@ class LongTailNet(NeuralNetClassifier):
 
     # --------------------------------------------------------------- inference
     def _fused_outputs(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Validated ``(probs, energy, weights)`` for all of ``X``, on the CPU."""
-        return self.forward(self._validate_predict_data(X), training=False)
+        """Validated ``(probs, energy, weights)`` for all of ``X``, on the CPU; a
+        ``ValueError`` when the network's outputs are not finite."""
+        probs, energy, weights = self.forward(self._validate_predict_data(X), training=False)
+        check_probabilities(probs, type(self).__name__)
+        return probs, energy, weights
 
     def forward_iter(self, X, training=False, device="cpu"):
         """skorch's batched inference, with ``device="auto"`` resolved while it runs."""
@@ -353,6 +426,14 @@ class LongTailNet(NeuralNetClassifier):
         -------
         ndarray of shape (n_samples, n_classes)
             Rows sum to one (the softmax is applied once, inside the fusion).
+
+        Raises
+        ------
+        ValueError
+            If the network's outputs are not finite for some sample (a diverged fit, or
+            inputs far outside the training range): non-finite outputs never become
+            probabilities or classes. ``predict``, ``score`` and the other predict-like
+            methods raise the same error.
         """
         return self._fused_outputs(X)[0].numpy()
 

@@ -78,7 +78,15 @@ _training_parameters = """module : type, default=ExpertNet
         Pass ``skorch.dataset.ValidSplit(...)`` to monitor ``valid_loss``.
 
     callbacks : list of (str, skorch.callbacks.Callback) or None, default=None
-        Extra skorch callbacks (LR schedulers, checkpoints, progress bars, ...).
+        Extra skorch callbacks (LR schedulers, checkpoints, progress bars, ...). Besides
+        skorch's, every estimator runs two of its own (switch one off with
+        ``callbacks__<name>=None``): ``"batchnorm_recalibration"``
+        (:class:`~ltroute.callbacks.BatchNormRecalibration`: after a run of fewer than
+        about 44 steps, BatchNorm statistics are re-estimated on the training fold) and
+        ``"convergence_check"`` (:class:`~ltroute.callbacks.ConvergenceCheck`: a
+        ``ConvergenceWarning`` when the training loss becomes non-finite, which also stops
+        training, or when the model ends below the majority-class accuracy on its own
+        training data).
 
     device : str or None, default="auto"
         ``"auto"`` trains on CUDA when available, else on the CPU; or any torch device

@@ -165,19 +165,21 @@ class LongTailClassifier(LongTailNet):
         cosine = self.loss == "ldam" if self.cosine_head is None else bool(self.cosine_head)
         return super()._module_params() | {"cosine_head": cosine}
 
-    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor,
+                       sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         z = logits[:, 0]
-        weight = self._drw_weights(self.drw_epoch, self.drw_beta)
+        weights = {"weight": self._drw_weights(self.drw_epoch, self.drw_beta),
+                   "sample_weight": sample_weight}
         if self.loss == "ce":
-            return cross_entropy(z, y, weight=weight)
+            return cross_entropy(z, y, **weights)
         if self.loss == "focal":
-            return focal_loss(z, y, gamma=self.focal_gamma, weight=weight)
+            return focal_loss(z, y, gamma=self.focal_gamma, **weights)
         if self.loss == "ldam":
             margins = ldam_margins(self.class_counts_, max_margin=self.ldam_max_margin)
             return ldam_loss(z, y, margins=margins.to(z.device), scale=self.head_scale,
-                             weight=weight)
+                             **weights)
         log_prior = log_class_prior(self.class_counts_).to(z.device)
         if self.loss == "logit_adjusted":
             return logit_adjusted_loss(z, y, log_prior=log_prior, tau=self.logit_adjust_tau,
-                                       weight=weight)
-        return balanced_softmax_loss(z, y, log_prior=log_prior, weight=weight)
+                                       **weights)
+        return balanced_softmax_loss(z, y, log_prior=log_prior, **weights)

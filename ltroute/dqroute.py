@@ -237,8 +237,9 @@ class DQRouteClassifier(LongTailNet):
 
     Parameters
     ----------
-    n_experts : int, default=3
-        Number of experts ``K`` (at most the number of classes).
+    n_experts : int or "auto", default="auto"
+        Number of experts ``K`` (at most the number of classes); ``"auto"`` is
+        ``min(3, n_classes)``, so that two-class problems fit too.
 
     partition : {"quantile", "shots", "mass"}, default="quantile"
         How the frequency ranking of the classes is cut into groups; see
@@ -370,6 +371,9 @@ class DQRouteClassifier(LongTailNet):
     Attributes
     ----------
     %(fitted_attributes)s
+
+    n_experts_ : int
+        The number of experts ``K`` (``n_experts`` with ``"auto"`` resolved).
 
     membership_ : ndarray of shape (n_experts, n_classes), dtype bool
         ``membership_[k, c]``: class ``classes_[c]`` is in expert ``k``'s region.
@@ -522,7 +526,7 @@ class DQRouteClassifier(LongTailNet):
 
     _parameter_constraints: dict[str, list] = {
         **LongTailNet._parameter_constraints,
-        "n_experts": [Interval(Integral, 1, None, closed="left")],
+        "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "partition": [StrOptions(set(_PARTITIONS))],
         "shot_thresholds": ["array-like"],
         "region_overlap": [StrOptions(set(_OVERLAPS))],
@@ -563,7 +567,7 @@ class DQRouteClassifier(LongTailNet):
         self,
         module=ExpertNet,
         *,
-        n_experts=3,
+        n_experts="auto",
         partition="quantile",
         shot_thresholds=(100, 20),
         region_overlap="nested",
@@ -696,8 +700,6 @@ class DQRouteClassifier(LongTailNet):
     # ------------------------------------------------------------- skorch hooks
     @property
     def _default_callbacks(self):
-        callbacks = [(name, cb) for name, cb in super()._default_callbacks
-                     if name != "print_log"]
         weighting = DifficultyWeighting(
             difficulty_lambda=self.difficulty_lambda, gamma=self.difficulty_gamma,
             acc_ema=self.acc_ema, uncertainty=self.uncertainty,
@@ -710,8 +712,14 @@ class DQRouteClassifier(LongTailNet):
             prior_start_epoch=self.prior_start_epoch, source=self.difficulty_source,
             prior_adjust_tau=self._prior_tau(self.fused_logit_adjust_tau),
         )
-        return [*callbacks, ("difficulty", weighting),
-                ("print_log", PrintLog(keys_ignored=_HISTORY_LISTS))]
+        callbacks = []
+        for name, callback in super()._default_callbacks:
+            if name == "print_log":  # the weights first, so that the log shows them
+                callbacks += [("difficulty", weighting),
+                              ("print_log", PrintLog(keys_ignored=_HISTORY_LISTS))]
+            else:
+                callbacks.append((name, callback))
+        return callbacks
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -736,13 +744,15 @@ class DQRouteClassifier(LongTailNet):
         return float(margins[0]), float(margins[1])
 
     def _module_params(self) -> dict[str, Any]:
-        return super()._module_params() | {"n_experts": int(self.n_experts),
+        return super()._module_params() | {"n_experts": self.n_experts_,
                                            "cosine_head": bool(self.cosine_head)}
 
     def initialize_module(self):
         """Divide the classes into regions, then build the experts (and detectors)."""
+        self.n_experts_ = (min(3, len(self.classes_)) if self.n_experts == "auto"
+                           else int(self.n_experts))
         membership, group = partition_classes(
-            self.class_counts_, self.n_experts, partition=self.partition,
+            self.class_counts_, self.n_experts_, partition=self.partition,
             shot_thresholds=self.shot_thresholds, region_overlap=self.region_overlap)
         self.membership_ = membership
         self.region_of_class_ = group
@@ -751,26 +761,33 @@ class DQRouteClassifier(LongTailNet):
         self.class_weights_ = np.ones(len(self.classes_), dtype=np.float32)  # until updated
         super().initialize_module()
         if self.ood_loss == "logistic":
-            self.detector_ = EnergyDetector(self.n_experts, bias=sum(self.energy_margins_) / 2)
+            self.detector_ = EnergyDetector(self.n_experts_, bias=sum(self.energy_margins_) / 2)
         elif "detector" in self._modules:
             del self.detector_  # left from a fit with ood_loss="logistic"; skorch unregisters
         return self
 
-    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor,
+                       sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         membership = self._membership(logits.device)
         in_region = membership[:, y].T
         weight = torch.as_tensor(self.class_weights_, dtype=logits.dtype, device=logits.device)
         log_prior = log_class_prior(self.class_counts_).to(logits.device)
         expert_logits = logits + self._prior_tau(self.expert_logit_adjust_tau) * log_prior
         loss = region_cross_entropy(expert_logits, y, membership, weight=weight,
-                                    reduction=self.expert_loss_reduction)
+                                    reduction=self.expert_loss_reduction,
+                                    sample_weight=sample_weight)
         fused = self._fuse(logits, return_log_probs=True, routing="soft")
         if self.lambda_fuse:
             loss = loss + self.lambda_fuse * logit_adjusted_loss(
                 fused.log_probs, y, log_prior=log_prior,
-                tau=self._prior_tau(self.fused_logit_adjust_tau), weight=weight)
+                tau=self._prior_tau(self.fused_logit_adjust_tau), weight=weight,
+                sample_weight=sample_weight)
         if self.ood_loss is not None and self.lambda_ood:
+            user_weight = sample_weight
             sample_weight = weight[y] if self.weight_ood else None
+            if user_weight is not None:
+                sample_weight = user_weight if sample_weight is None else (
+                    sample_weight * user_weight)
             if self.ood_loss == "margin":
                 m_in, m_out = self.energy_margins_
                 ood = energy_margin_loss(fused.energy, in_region, m_in=m_in, m_out=m_out,
@@ -800,6 +817,7 @@ class DQRouteClassifier(LongTailNet):
         shift = None  # per-expert logit shift that moves the routing score, not p_k
         energy = None
         if self.fusion_confidence == "detector":
+            self._check_detector()
             # -E'_k / tau = log sigmoid(a_k (-E_k) + b_k) when z'_k = z_k + delta_k with
             # delta_k = tau log sigmoid(.) + E_k (p_k is invariant to the shift).
             energy = fuse_experts(logits, weighting="uniform", **options).energy
@@ -820,6 +838,15 @@ class DQRouteClassifier(LongTailNet):
         # exp(log p) of a mixture sums to one only up to float32 rounding (~1e-6 off with
         # nested regions); scikit-learn's checks ask for 1e-6.
         return fused._replace(probs=fused.probs / fused.probs.sum(dim=1, keepdim=True))
+
+    def _check_detector(self) -> None:
+        """``fusion_confidence="detector"`` set after a fit that trained no detectors."""
+        if getattr(self, "detector_", None) is None:
+            raise ValueError(
+                "fusion_confidence='detector' needs the learnable detectors trained by "
+                "ood_loss='logistic', but this DQRouteClassifier was fitted with "
+                f"ood_loss={self.ood_loss!r}: set fusion_confidence='energy', or fit again "
+                "with ood_loss='logistic'.")
 
     def _prior_tau(self, tau: float) -> float:
         """A logit-adjustment strength, or 0 when the frequency prior is switched off."""

@@ -3,7 +3,10 @@
 Shared by every estimator. Class counts are training-fold counts aligned with the
 encoded classes ``0..C-1``. Every loss takes logits ``(B, C)`` and integer targets
 ``(B,)`` and, where it accepts class ``weight``, reduces as
-``torch.nn.functional.cross_entropy`` does: ``sum_b w[y_b] l_b / sum_b w[y_b]``.
+``torch.nn.functional.cross_entropy`` does: ``sum_b w[y_b] l_b / sum_b w[y_b]``. Where it
+accepts per-sample ``sample_weight`` ``s`` (``fit``'s ``sample_weight``), those multiply
+the class weights: ``sum_b s_b w[y_b] l_b / sum_b s_b w[y_b]`` (0 for a batch whose
+weights are all 0).
 
 References
 ----------
@@ -144,23 +147,43 @@ def log_class_prior(class_counts: torch.Tensor) -> torch.Tensor:
     return torch.log(counts / counts.sum()).float()
 
 
-def weighted_mean(per_sample: torch.Tensor, target: torch.Tensor,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Reduce per-sample losses like ``F.cross_entropy``: plain or class-weighted mean."""
-    if weight is None:
-        return per_sample.mean()
-    w = weight.to(per_sample.dtype)[target]
-    return (w * per_sample).sum() / w.sum()
+def weighted_mean(per_sample: torch.Tensor, target: torch.Tensor | None,
+                  weight: torch.Tensor | None = None,
+                  sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Reduce per-sample losses like ``F.cross_entropy``: plain or class-weighted mean,
+    with per-sample weights multiplying the class weights."""
+    if sample_weight is None:
+        if weight is None:
+            return per_sample.mean()
+        w = weight.to(per_sample.dtype)[target]
+        return (w * per_sample).sum() / w.sum()
+    w = sample_weight.to(per_sample.dtype)
+    if weight is not None:
+        w = w * weight.to(per_sample.dtype)[target]
+    return (w * per_sample).sum() / w.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
+
+
+def _weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                            weight: torch.Tensor | None,
+                            sample_weight: torch.Tensor | None) -> torch.Tensor:
+    """``F.cross_entropy`` (bit for bit without ``sample_weight``) or its sample-weighted
+    mean."""
+    if sample_weight is None:
+        return F.cross_entropy(logits, target, weight=weight)
+    per_sample = F.cross_entropy(logits, target, reduction="none")
+    return weighted_mean(per_sample, target, weight, sample_weight)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax cross-entropy with optional class weights (weighted-mean reduction)."""
-    return F.cross_entropy(logits, target, weight=weight)
+                  weight: torch.Tensor | None = None,
+                  sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax cross-entropy with optional class and sample weights (weighted mean)."""
+    return _weighted_cross_entropy(logits, target, weight, sample_weight)
 
 
 def ldam_loss(logits: torch.Tensor, target: torch.Tensor, *, margins: torch.Tensor,
-              scale: float = 30.0, weight: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float = 30.0, weight: torch.Tensor | None = None,
+              sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""LDAM: cross-entropy after subtracting ``scale * m_y`` from the true-class logit.
 
     With a cosine head ``z = s cos`` this is ``CE(s (cos_y - m_y), y)`` of [1]_ (RIDE
@@ -178,14 +201,17 @@ def ldam_loss(logits: torch.Tensor, target: torch.Tensor, *, margins: torch.Tens
         ``s``; must equal the cosine head's scale.
     weight : torch.Tensor of shape (C,), default=None
         Class weights (DRW).
+    sample_weight : torch.Tensor of shape (B,), default=None
+        Per-sample weights, multiplying the class weights.
     """
     shift = torch.zeros_like(logits)
     shift.scatter_(1, target.unsqueeze(1), (scale * margins.to(logits.dtype)[target]).unsqueeze(1))
-    return F.cross_entropy(logits - shift, target, weight=weight)
+    return _weighted_cross_entropy(logits - shift, target, weight, sample_weight)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 1.0,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+               weight: torch.Tensor | None = None,
+               sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""Focal loss ``(1 - p_y)^gamma * (-log p_y)`` [5]_ with weighted-mean reduction.
 
     ``p_y`` is the unweighted softmax probability of the true class; class weights
@@ -200,30 +226,33 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 1.0
     """
     log_p = F.log_softmax(logits, dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
     per_sample = -torch.pow(1.0 - log_p.exp(), gamma) * log_p
-    return weighted_mean(per_sample, target, weight)
+    return weighted_mean(per_sample, target, weight, sample_weight)
 
 
 def logit_adjusted_loss(logits: torch.Tensor, target: torch.Tensor, *,
                         log_prior: torch.Tensor, tau: float = 1.0,
-                        weight: torch.Tensor | None = None) -> torch.Tensor:
+                        weight: torch.Tensor | None = None,
+                        sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""Logit-adjusted cross-entropy ``CE(z + tau * log pi, y)`` [3]_.
 
     Trains ``z`` to estimate the balanced posterior, so ``argmax z`` at test time is
     Fisher-consistent for the balanced error when ``tau = 1``.
     """
-    return F.cross_entropy(logits + tau * log_prior.to(logits.dtype), target, weight=weight)
+    return _weighted_cross_entropy(logits + tau * log_prior.to(logits.dtype), target, weight,
+                                   sample_weight)
 
 
 def balanced_softmax_loss(logits: torch.Tensor, target: torch.Tensor, *,
-                          log_prior: torch.Tensor, weight: torch.Tensor | None = None
-                          ) -> torch.Tensor:
+                          log_prior: torch.Tensor, weight: torch.Tensor | None = None,
+                          sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""Balanced Softmax [4]_: ``-log(n_y e^{z_y} / sum_j n_j e^{z_j})``.
 
     Equal to :func:`logit_adjusted_loss` with ``tau = 1`` (``log n_j`` and ``log pi_j``
     differ by a constant that cancels in the softmax); kept as its own name because
     the two papers are cited separately.
     """
-    return logit_adjusted_loss(logits, target, log_prior=log_prior, tau=1.0, weight=weight)
+    return logit_adjusted_loss(logits, target, log_prior=log_prior, tau=1.0, weight=weight,
+                               sample_weight=sample_weight)
 
 
 # --------------------------------------------------------------------------------------
@@ -270,7 +299,8 @@ def distribution_aware_temperature(class_counts: torch.Tensor, *,
 
 
 def ride_diversity_loss(expert_logits: torch.Tensor, *,
-                        temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+                        temperature: torch.Tensor | float = 1.0,
+                        sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""RIDE's diversity term ``mean(T)^2 * sum_k KL(q || p_k)`` (summed over experts).
 
     ``p_k = softmax(z_k / T)`` and the target ``q = softmax(zbar / T)`` with
@@ -289,6 +319,8 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
         Logits of the K experts.
     temperature : float or torch.Tensor of shape (C,), default=1.0
         Temperature, scalar or per class (see :func:`distribution_aware_temperature`).
+    sample_weight : torch.Tensor of shape (B,), default=None
+        Per-sample weights: the batch mean becomes their weighted mean.
 
     Returns
     -------
@@ -304,8 +336,13 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
         # mean_k(z_k / T) = zbar / T: the ensemble distribution at the same temperature.
         log_target = F.log_softmax(scaled.mean(dim=1, keepdim=True), dim=-1)
     log_probs = F.log_softmax(scaled, dim=-1)
-    kl = F.kl_div(log_probs, log_target.expand_as(log_probs), reduction="sum",
-                  log_target=True) / expert_logits.shape[0]
+    if sample_weight is None:
+        kl = F.kl_div(log_probs, log_target.expand_as(log_probs), reduction="sum",
+                      log_target=True) / expert_logits.shape[0]
+    else:
+        per_sample = F.kl_div(log_probs, log_target.expand_as(log_probs), reduction="none",
+                              log_target=True).sum(dim=(1, 2))
+        kl = weighted_mean(per_sample, None, sample_weight=sample_weight)
     return temp.mean() ** 2 * kl
 
 
@@ -579,19 +616,21 @@ def mix_class_weights(difficulty_weights: torch.Tensor, prior_weights: torch.Ten
 def _expert_means(values: torch.Tensor, mask: torch.Tensor,
                   sample_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean of ``values`` (B, K) over the rows where ``mask`` (B, K) is True, per
-    expert; returns the means (K,) (0 where no row) and which experts had a row."""
+    expert; returns the means (K,) (0 where no row) and which experts had a row (of
+    positive weight)."""
     w = mask.to(values.dtype)
     if sample_weight is not None:
         w = w * sample_weight.to(values.dtype).unsqueeze(1)
     total = w.sum(dim=0)
-    present = mask.any(dim=0)
+    present = mask.any(dim=0) if sample_weight is None else total > 0
     summed = torch.where(mask, values, torch.zeros_like(values)).mul(w).sum(dim=0)
     return summed / torch.where(present, total, torch.ones_like(total)), present
 
 
 def region_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                          region_mask: torch.Tensor, *, weight: torch.Tensor | None = None,
-                         reduction: str = "sample_mean") -> torch.Tensor:
+                         reduction: str = "sample_mean",
+                         sample_weight: torch.Tensor | None = None) -> torch.Tensor:
     r"""Cross-entropy of each expert within its own region of classes.
 
     ``p_k(c | x) = softmax_{c in S_k}(z_k)`` and ``l_ik = -log p_k(y_i | x_i)`` for the
@@ -613,6 +652,8 @@ def region_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
         omega_{y_i}`` (each sample counts once); ``"per_expert_mean"``: the
         ``omega``-weighted mean within each expert, averaged over the experts with a
         sample in the batch (balances the regions).
+    sample_weight : torch.Tensor of shape (B,), default=None
+        Per-sample weights, multiplying ``omega_{y_i}``.
 
     Returns
     -------
@@ -626,10 +667,14 @@ def region_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     nll = torch.where(covered, -log_p.gather(2, index).squeeze(2), torch.zeros_like(log_p[..., 0]))
     if reduction == "sample_mean":
         per_sample = nll.sum(dim=1) / covered.sum(dim=1).to(nll.dtype)
-        return weighted_mean(per_sample, target, weight)
+        return weighted_mean(per_sample, target, weight, sample_weight)
     if reduction == "per_expert_mean":
-        sample_weight = None if weight is None else weight.to(nll.dtype)[target]
-        means, present = _expert_means(nll, covered, sample_weight)
+        combined = None if weight is None else weight.to(nll.dtype)[target]
+        if sample_weight is not None:
+            combined = sample_weight.to(nll.dtype) * (1.0 if combined is None else combined)
+            if not bool(combined.gt(0).any()):  # a batch of zero weights: no loss
+                return nll.sum() * 0.0
+        means, present = _expert_means(nll, covered, combined)
         return means[present].mean()
     raise ValueError(f"reduction must be 'sample_mean' or 'per_expert_mean', got {reduction!r}.")
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ltroute._base import LongTailNet
 from ltroute._docstring import shared_docs
+from ltroute._validation import split_sample_weight
 from ltroute.losses import (
     LogProbNLLLoss,
     cross_entropy,
@@ -491,26 +492,29 @@ class RIDEClassifier(LongTailNet):
         if training or not self._routing():
             return super()._inference_logits(batch, training=training)
         self.check_is_fitted()
-        Xi, _ = unpack_data(batch)
+        Xi = split_sample_weight(unpack_data(batch)[0])[0]
         with torch.no_grad():
             self._set_training(False)
             return self._routed_logits(to_tensor(Xi, device=self.device))
 
     # ---------------------------------------------------------- method hooks
-    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor,
+                       sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         _, n_experts, n_classes = logits.shape
         weight = self._drw_weights(self.drw_epoch, self.drw_beta)
         if self.collaborative:
-            loss = n_experts * self._classification_loss(logits.mean(dim=1), y, weight)
+            loss = n_experts * self._classification_loss(logits.mean(dim=1), y, weight,
+                                                         sample_weight)
         else:
             # One call over the B*K rows: each expert sees the same labels, so K times
             # the (weighted) mean over rows is the sum of the per-expert losses.
             loss = n_experts * self._classification_loss(
-                logits.reshape(-1, n_classes), y.repeat_interleave(n_experts), weight)
+                logits.reshape(-1, n_classes), y.repeat_interleave(n_experts), weight,
+                None if sample_weight is None else sample_weight.repeat_interleave(n_experts))
         if self.diversity_weight != 0:
             temperature = self._temperature(per_class=weight is not None)
             loss = loss + self.diversity_weight * ride_diversity_loss(
-                logits, temperature=temperature.to(logits.device))
+                logits, temperature=temperature.to(logits.device), sample_weight=sample_weight)
         return loss
 
     def _after_training(self, X: np.ndarray, y: np.ndarray) -> None:
@@ -518,24 +522,26 @@ class RIDEClassifier(LongTailNet):
         if self.router_module_ is not None:
             self._fit_router(X, y)
         self.macs_ = self._count_macs()
-        if self._routing():
-            self._fused_outputs(X)  # records the usage on the training data
+        if self._routing():  # the usage on the training data (X is validated already)
+            self._record_usage(self.forward(X, training=False)[2].gt(0).sum(dim=1))
         else:
             self._record_usage(torch.full((len(X),), self.module_.n_experts))
 
     # ------------------------------------------------------------- stage 1
     def _classification_loss(self, z: torch.Tensor, y: torch.Tensor,
-                             weight: torch.Tensor | None) -> torch.Tensor:
+                             weight: torch.Tensor | None,
+                             sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+        weights = {"weight": weight, "sample_weight": sample_weight}
         if self.loss == "ce":
-            return cross_entropy(z, y, weight=weight)
+            return cross_entropy(z, y, **weights)
         if self.loss == "focal":
-            return focal_loss(z, y, gamma=self.focal_gamma, weight=weight)
+            return focal_loss(z, y, gamma=self.focal_gamma, **weights)
         if self.loss == "logit_adjusted":
             return logit_adjusted_loss(z, y, log_prior=log_class_prior(self.class_counts_)
-                                       .to(z.device), weight=weight)
+                                       .to(z.device), **weights)
         margins = ldam_margins(self.class_counts_, max_margin=self.ldam_max_margin)
         return ldam_loss(z, y, margins=margins.to(z.device), scale=self.head_scale,
-                         weight=weight)
+                         **weights)
 
     def _temperature(self, per_class: bool) -> torch.Tensor:
         """Diversity temperature: ``alpha`` before DRW, per class from the DRW epoch."""
