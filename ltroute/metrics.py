@@ -127,6 +127,9 @@ def _check_class_counts(class_counts: Any, classes: Any) -> tuple[np.ndarray, np
                 f"class_counts has {len(counts)} entries but classes has {len(classes)}; "
                 "an array of counts must be aligned with classes."
             )
+    if counts.dtype.kind == "O" and all(
+            isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
+        counts = _as_int64_counts(counts, classes)  # Python ints beyond 64 bits
     if counts.dtype.kind not in "iuf":
         raise TypeError(f"class_counts must hold numbers, got dtype {counts.dtype}.")
     if not np.all(np.isfinite(counts)) or np.any(counts != np.round(counts)):
@@ -134,7 +137,30 @@ def _check_class_counts(class_counts: Any, classes: Any) -> tuple[np.ndarray, np
     if np.any(counts < 0):
         negative = classes[counts < 0].tolist()
         raise ValueError(f"class_counts must be non-negative; negative for classes {negative}.")
+    # int64 holds counts below 2**63; a larger one would wrap round to a negative count.
+    too_large = (counts >= 2.0**63) if counts.dtype.kind == "f" else (
+        counts > np.iinfo(np.int64).max)
+    if np.any(too_large):
+        _raise_too_large(classes[too_large].tolist())
     return classes, counts.astype(np.int64)
+
+
+def _raise_too_large(labels: list) -> None:
+    raise ValueError(f"class_counts must be below 2**63 (they are stored as int64); too "
+                     f"large for classes {labels}.")
+
+
+def _as_int64_counts(counts: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """Object array of Python ints as int64, refusing values outside [0, 2**63)."""
+    values = counts.tolist()
+    negative = [label for label, c in zip(classes.tolist(), values, strict=True) if c < 0]
+    if negative:
+        raise ValueError(f"class_counts must be non-negative; negative for classes {negative}.")
+    too_large = [label for label, c in zip(classes.tolist(), values, strict=True)
+                 if c >= 2**63]
+    if too_large:
+        _raise_too_large(too_large)
+    return np.asarray(values, dtype=np.int64)
 
 
 def _check_targets(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
