@@ -19,6 +19,7 @@ import torch
 from ltroute import __version__
 from ltroute._base import resolve_device
 from ltroute._registry import DEFAULT_METHODS, METHODS, make_estimator
+from ltroute._validation import device_problem
 from ltroute.callbacks import EpochProgressBar
 from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt
 from ltroute.metrics import group_accuracy
@@ -32,6 +33,26 @@ DATASETS = {
 COLUMNS = ("overall", "many", "medium", "few")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ltroute",
@@ -41,14 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="letter",
                         help="bundled data set (default: letter)")
     parser.add_argument("--method", action="append", choices=sorted(METHODS),
+                        metavar="METHOD",
                         help="method to fit; repeat for several (default: "
-                             f"{' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--epochs", type=int, default=30,
+                             f"{' '.join(DEFAULT_METHODS)}); one of {', '.join(sorted(METHODS))}")
+    parser.add_argument("--epochs", type=_positive_int, default=30,
                         help="training epochs (default: 30)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random_state of the data split and of every fit (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="random_state of the data split and of every fit, 0 to 2**32 - 1 "
+                             "(default: 0)")
     parser.add_argument("--device", default="auto",
                         help="torch device: auto, cpu, cuda, ... (default: auto)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads of torch (default: torch's choice, usually the "
+                             "number of cores)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -65,9 +91,13 @@ def _format_table(rows: list[tuple[str, dict[str, float], float]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    args = _parser().parse_args(argv)
-    if args.epochs < 1:
-        _parser().error("--epochs must be at least 1")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    problem = device_problem(args.device)
+    if problem is not None:
+        parser.error(f"argument --device: {args.device!r}: {problem}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     methods = args.method or DEFAULT_METHODS
     title, loader = DATASETS[args.dataset]
     data = loader(random_state=args.seed)
@@ -75,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = resolve_device(args.device)
     print(f"ltroute {__version__} | {title}: {len(counts)} classes, {len(data.y_train)} "
           f"train / {len(data.y_test)} test (balanced), imbalance {counts.max() // counts.min()}"
-          f" | seed {args.seed}, {args.epochs} epochs, device {device} "
+          f" | seed {args.seed}, {args.epochs} epochs, device {device}, "
+          f"{torch.get_num_threads()} threads "
           f"({platform.processor() or platform.machine()}, torch {torch.__version__})")
 
     rows = []
