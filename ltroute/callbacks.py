@@ -331,10 +331,11 @@ class BatchNormRecalibration(Callback):
         self.dataset_train_ = dataset_train
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
+        dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
         layers = [m for m in net.module_.modules()
                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   and m.track_running_stats]
-        if (self.dataset_train_ is None or not _last_loss_finite(net)
+        if (dataset is None or not _last_loss_finite(net)
                 or not any(_initial_weight(m) > self.threshold for m in layers)):
             return
         saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
@@ -345,7 +346,7 @@ class BatchNormRecalibration(Callback):
                 m.momentum = None  # cumulative average over the pass
             net.module_.train()
             with torch.no_grad():
-                for batch in net.get_iterator(self.dataset_train_, training=False):
+                for batch in net.get_iterator(dataset, training=False):
                     Xi = unpack_data(batch)[0]
                     if get_len(Xi) > 1:  # BatchNorm1d cannot normalise a single sample
                         net.infer(Xi)
@@ -394,11 +395,12 @@ class ConvergenceCheck(Callback):
         raise KeyboardInterrupt  # skorch's way to stop training (as EarlyStopping does)
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
-        if self.diverged_ or self.dataset_train_ is None:
+        dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
+        if self.diverged_ or dataset is None:
             return
         correct, counts = 0, None
         with torch.no_grad():
-            for batch in net.get_iterator(self.dataset_train_, training=False):
+            for batch in net.get_iterator(dataset, training=False):
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
                 correct += int((probs.argmax(dim=1) == target).sum())

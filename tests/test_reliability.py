@@ -389,3 +389,11 @@ def test_command_line_threads(capsys, _restore_threads):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "1 threads" in out and torch.get_num_threads() == 1
+
+
+def test_fitted_estimator_keeps_no_reference_to_the_training_data(blobs):
+    X, y = blobs
+    clf = DQRouteClassifier(**_fast(DQRouteClassifier)).fit(X, y)
+    assert {name for name, _ in clf.callbacks_} >= {"batchnorm_recalibration",
+                                                    "convergence_check"}
+    assert all(getattr(cb, "dataset_train_", None) is None for _, cb in clf.callbacks_)
