@@ -39,7 +39,7 @@ from ltroute._validation import (
     check_probabilities,
     check_reserved_module_params,
     device_problem,
-    rollback_on_error,
+    rolls_back_on_error,
     split_sample_weight,
     with_sample_weight,
     writable,
@@ -128,11 +128,13 @@ class LongTailNet(NeuralNetClassifier):
         self.random_state = random_state
 
     # ------------------------------------------------------------------ fitting
+    @rolls_back_on_error
     def fit(self, X, y, sample_weight=None, **fit_params):
         """Validate and encode the data, then train with skorch.
 
-        Everything is validated before any fitted attribute changes, and a fit that fails
-        before its first training step leaves the estimator exactly as it was.
+        A fit that fails before it changed a network (bad input, a bad parameter, a
+        network that cannot run, ...) leaves the estimator exactly as it was; a warm start
+        that continues training checks ``X`` against the fitted shape and feature names.
 
         Parameters
         ----------
@@ -160,24 +162,23 @@ class LongTailNet(NeuralNetClassifier):
         self : object
             The fitted estimator.
         """
-        with rollback_on_error(self):
-            self._check_params()
-            continuing = bool(self.warm_start and self.initialized_)
-            X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
-            sample_weight = check_fit_sample_weight(sample_weight, X, len(y_encoded))
-            if continuing and not np.array_equal(classes, self.classes_):
-                raise ValueError("warm_start=True needs the same classes as the previous fit; "
-                                 f"got {classes.tolist()} after {self.classes_.tolist()}.")
-            self.classes_ = classes
-            self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
-            self.input_shape_ = tuple(int(s) for s in X.shape[1:])
-            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-            with self._runtime(seed=seed):
-                if not continuing:
-                    self.initialize()
-                NeuralNet.partial_fit(self, with_sample_weight(X, sample_weight), y_encoded,
-                                      **fit_params)
-                self._after_training(X, y_encoded)
+        self._check_params()
+        continuing = bool(self.warm_start and self.initialized_)
+        X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
+        sample_weight = check_fit_sample_weight(sample_weight, X, len(y_encoded))
+        if continuing and not np.array_equal(classes, self.classes_):
+            raise ValueError("warm_start=True needs the same classes as the previous fit; "
+                             f"got {classes.tolist()} after {self.classes_.tolist()}.")
+        self.classes_ = classes
+        self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
+        self.input_shape_ = tuple(int(s) for s in X.shape[1:])
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        with self._runtime(seed=seed):
+            if not continuing:
+                self.initialize()
+            NeuralNet.partial_fit(self, with_sample_weight(X, sample_weight), y_encoded,
+                                  **fit_params)
+            self._after_training(X, y_encoded)
         return self
 
     @available_if(_never)

@@ -16,14 +16,15 @@ and the predict-like methods), so that every estimator inherits them:
 - :func:`check_probabilities`: non-finite network outputs never become probabilities or
   classes;
 - :func:`writable`: torch warns about (and must not share) read-only numpy buffers;
-- :func:`rollback_on_error`: a call that fails before training starts leaves the
-  estimator exactly as it was.
+- :func:`rollback_on_error` (and the method decorator :func:`rolls_back_on_error`): a
+  call that fails before it changed a network leaves the estimator exactly as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from numbers import Integral
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "device_problem",
     "has_batch_norm",
     "rollback_on_error",
+    "rolls_back_on_error",
     "split_sample_weight",
     "with_sample_weight",
     "writable",
@@ -313,3 +315,15 @@ def rollback_on_error(estimator: Any) -> Iterator[None]:
             estimator.__dict__.clear()
             estimator.__dict__.update(state)
         raise
+
+
+def rolls_back_on_error(method: Callable) -> Callable:
+    """Decorate an estimator method with :func:`rollback_on_error` (keeps its signature,
+    which scikit-learn inspects, e.g. for ``sample_weight``)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with rollback_on_error(self):
+            return method(self, *args, **kwargs)
+
+    return wrapper
