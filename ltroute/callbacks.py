@@ -338,6 +338,11 @@ class BatchNormRecalibration(Callback):
         if (dataset is None or not _last_loss_finite(net)
                 or not any(_initial_weight(m) > self.threshold for m in layers)):
             return
+        with _rng_untouched(net):
+            self._recalibrate(net, dataset, layers)
+
+    @staticmethod
+    def _recalibrate(net, dataset, layers) -> None:
         saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
         was_training = net.module_.training
         try:
@@ -399,7 +404,7 @@ class ConvergenceCheck(Callback):
         if self.diverged_ or dataset is None:
             return
         correct, counts = 0, None
-        with torch.no_grad():
+        with torch.no_grad(), _rng_untouched(net):
             for batch in net.get_iterator(dataset, training=False):
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
@@ -417,6 +422,15 @@ class ConvergenceCheck(Callback):
                 f"most frequent class (after {len(net.history)} epochs). Train longer "
                 "(max_epochs), with a larger lr, or check the data.",
                 ConvergenceWarning, stacklevel=2)
+
+
+def _rng_untouched(net):
+    """Leave the torch RNGs as they were (iterating a DataLoader draws a seed, dropout
+    draws masks), so that what follows training (RIDE's router stage) sees the same
+    random stream whether these checks run or not."""
+    param = next(net.module_.parameters(), None)
+    devices = [param.device.index or 0] if param is not None and param.is_cuda else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _last_loss_finite(net) -> bool:

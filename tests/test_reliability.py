@@ -143,6 +143,16 @@ def test_batchnorm_statistics_of_longer_runs_are_left_alone(blobs):
     np.testing.assert_array_equal(on.predict_proba(X), off.predict_proba(X))
 
 
+def test_end_of_fit_checks_leave_the_random_stream_alone(blobs):
+    # RIDE's router stage follows them and draws its class-balanced schedule from the
+    # seeded RNG: the same router with the checks on or off.
+    X, y = blobs
+    params = _fast(RIDEClassifier) | {"router_epochs": 1}
+    on = RIDEClassifier(**params).fit(X, y)
+    off = RIDEClassifier(**params, callbacks__convergence_check=None).fit(X, y)
+    np.testing.assert_array_equal(on.router_losses_, off.router_losses_)
+
+
 # ------------------------------------------------------------------------ corrupted state
 def _state(clf, X):
     return (clf.predict_proba(X), clf.classes_.copy(), clf.class_counts_.copy(),
