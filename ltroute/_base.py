@@ -165,7 +165,7 @@ class LongTailNet(NeuralNetClassifier):
         self._check_params()
         continuing = bool(self.warm_start and self.initialized_)
         X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
-        sample_weight = check_fit_sample_weight(sample_weight, X, len(y_encoded))
+        sample_weight = check_fit_sample_weight(sample_weight, X)
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError("warm_start=True needs the same classes as the previous fit; "
                              f"got {classes.tolist()} after {self.classes_.tolist()}.")

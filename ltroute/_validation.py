@@ -124,19 +124,17 @@ def check_reserved_module_params(estimator: Any, set_by_estimator: Mapping[str, 
                      f"as module__ parameters: {'; '.join(hints)}.")
 
 
-def check_fit_sample_weight(sample_weight: Any, X: Any, n_samples: int) -> np.ndarray | None:
+def check_fit_sample_weight(sample_weight: Any, X: np.ndarray) -> np.ndarray | None:
     """Validated float32 weights of shape (n_samples,), or ``None`` when they are all equal.
 
-    Weights must be finite and non-negative with at least one positive. Every loss is a
-    weighted mean, so constant weights train exactly as no weights and are dropped.
+    scikit-learn's checks: finite, non-negative, not all zero, one per row of ``X``. Every
+    loss is a weighted mean, so constant weights train exactly as no weights and are
+    dropped.
     """
     if sample_weight is None:
         return None
-    reference = X if hasattr(X, "shape") and len(X) == n_samples else np.empty((n_samples, 1))
-    weights = _check_sample_weight(sample_weight, reference, dtype=np.float32,
+    weights = _check_sample_weight(sample_weight, X, dtype=np.float32,
                                    ensure_non_negative=True)
-    if not np.all(np.isfinite(weights)):
-        raise ValueError("sample_weight must be finite; got NaN or infinite weights.")
     if np.all(weights == weights[0]):
         return None
     return weights
