@@ -149,10 +149,15 @@ def label(args: argparse.Namespace) -> str:
             else "short run, not the recipe")
 
 
-def fragment(results: list[dict], args: argparse.Namespace, data, wall_s: float) -> str:
+def title(args: argparse.Namespace) -> str:
+    return f"CIFAR-10-LT (ratio 100), {label(args)} — {DATA_LABEL}"
+
+
+def fragment(results: list[dict], args: argparse.Namespace, data, wall_s: float,
+             header: str) -> str:
+    """The results fragment; ``header`` is the provenance taken when the run started."""
     counts = list(data.class_counts.values())
-    title = f"CIFAR-10-LT (ratio 100), {label(args)} — {DATA_LABEL}"
-    lines = [provenance_header(title).rstrip(), "",
+    lines = [header.rstrip(), "",
              f"- data: {DATA_LABEL}, `load_cifar_lt(root, n_classes=10, imbalance_ratio=100)`"
              f" (Cao et al.'s selection): {sum(counts):,} training images ({counts[0]} … "
              f"{counts[-1]} per class), balanced test split of {len(data.y_test):,}",
@@ -212,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     start = time.perf_counter()
+    header = provenance_header(title(args), [sys.argv[0], *argv])  # the code that runs
     data = load_data(args.root)
     print(f"{DATA_LABEL}: CIFAR-10-LT, {len(data.y_train)} training images, "
           f"{len(data.y_test)} test images; {label(args)}", flush=True)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(args.json).write_text(json.dumps(results))
     if not args.no_write:
         path = write_fragment(args.name, fragment(results, args, data,
-                                                  time.perf_counter() - start))
+                                                  time.perf_counter() - start, header))
         print(f"wrote {path}")
     return results
 
