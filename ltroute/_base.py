@@ -11,6 +11,7 @@ network built from them, ``device="auto"``, reproducible seeding, and inference 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from numbers import Integral, Real
 from typing import Any
@@ -47,7 +48,7 @@ from ltroute._validation import (
 from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
-from ltroute.nn import ExpertNet
+from ltroute.nn import BACKBONES, ExpertNet
 from ltroute.schedules import StepWarmupSchedule, default_drw_epoch
 
 __all__ = ["LongTailNet"]
@@ -77,7 +78,7 @@ class LongTailNet(NeuralNetClassifier):
     """
 
     _parameter_constraints: dict[str, list] = {
-        "backbone": [StrOptions({"auto", "mlp", "convnet", "resnet32"}), torch.nn.Module],
+        "backbone": [StrOptions(set(BACKBONES)), torch.nn.Module],
         "hidden_sizes": ["array-like"],
         "expert_hidden_sizes": ["array-like"],
         "head_scale": [Interval(Real, 0, None, closed="neither")],
@@ -88,6 +89,7 @@ class LongTailNet(NeuralNetClassifier):
         "batch_size": [Interval(Integral, 1, None, closed="left"), Options(Integral, {-1})],
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
+        "backbone_weights": [str, os.PathLike, None],
     }
 
     def __init__(
@@ -110,6 +112,7 @@ class LongTailNet(NeuralNetClassifier):
         device="auto",
         verbose=0,
         random_state=None,
+        backbone_weights=None,
         **kwargs,
     ):
         # NeuralNet.__init__ directly: NeuralNetClassifier's only addition is the
@@ -126,6 +129,7 @@ class LongTailNet(NeuralNetClassifier):
         self.dropout = dropout
         self.lr_schedule = lr_schedule
         self.random_state = random_state
+        self.backbone_weights = backbone_weights
 
     # ------------------------------------------------------------------ fitting
     @rolls_back_on_error
@@ -296,7 +300,7 @@ class LongTailNet(NeuralNetClassifier):
 
     def _module_params(self) -> dict[str, Any]:
         """Keyword arguments of the network, sized from the fitted data."""
-        return {
+        params = {
             "input_shape": self.input_shape_,
             "n_classes": len(self.classes_),
             "n_experts": 1,
@@ -307,6 +311,9 @@ class LongTailNet(NeuralNetClassifier):
             "head_scale": float(self.head_scale),
             "dropout": float(self.dropout),
         }
+        if self.backbone_weights is not None:  # only then: custom modules need not know it
+            params["backbone_weights"] = self.backbone_weights
+        return params
 
     def initialize_module(self):
         """Build the network from the fitted shapes (constructor parameters untouched) and
@@ -465,6 +472,17 @@ class LongTailNet(NeuralNetClassifier):
     @classes_.setter
     def classes_(self, value: np.ndarray) -> None:
         self.__dict__["classes_"] = value
+
+    def __setattr__(self, name, attr):
+        # ``backbone`` may hold a user's ``nn.Module``. skorch treats every module set
+        # outside ``initialize_*`` as a misplaced component (``SkorchAttributeError``)
+        # and would otherwise register it for training and device moves. Here it is a
+        # plain constructor parameter: ExpertNet deep-copies it into ``module_``, the
+        # component skorch trains, moves and saves, so the parameter is never mutated.
+        if name == "backbone":
+            object.__setattr__(self, name, attr)
+            return
+        super().__setattr__(name, attr)
 
     def _get_param_names(self):
         # skorch lists every attribute without a trailing underscore, which leaks

@@ -20,11 +20,17 @@ class Substitution:
         return obj
 
 
-_network_parameters = """backbone : {"auto", "mlp", "convnet", "resnet32"} or torch.nn.Module, \
-default="auto"
+_network_parameters = """backbone : {"auto", "mlp", "convnet", "resnet32", "resnet50", \
+"resnext50"} or torch.nn.Module, default="auto"
         Shared trunk. ``"auto"``: an MLP for 2-D ``X``, ResNet-32 for CIFAR-shaped images
-        (3 channels, sides >= 32), the small ConvNet for other images. A module instance is
-        used as the trunk (deep-copied at every fit) with an MLP per expert on top.
+        (3 channels, sides >= 32), the small ConvNet for other images. ``"resnet50"`` and
+        ``"resnext50"`` (32x4d) are the ImageNet networks split as in RIDE's ImageNet-LT
+        models: shared stem, layer1 and layer2; each expert owns layer3 and layer4 (see
+        :mod:`ltroute.nn`). A module instance (e.g. a torchvision or timm model with its
+        classifier replaced by ``torch.nn.Identity()``, with your weights) is the trunk:
+        it maps inputs to features, is deep-copied at every fit (the parameter itself is
+        never trained or moved) and gets an MLP per expert (``expert_hidden_sizes``; ``()``
+        puts the heads directly on its features).
 
     hidden_sizes : tuple of int, default=(256, 256)
         Widths of the MLP trunk.
@@ -36,7 +42,16 @@ default="auto"
         Scale ``s`` of cosine heads, ``z = s * cos(f, w_c)`` (LDAM-DRW and RIDE use 30).
 
     dropout : float, default=0.0
-        Dropout after each MLP activation."""
+        Dropout after each MLP activation.
+
+    backbone_weights : str, path-like or None, default=None
+        Local file of a state_dict for the shared trunk (``torch.save(state_dict,
+        path)``), loaded at every fit after the network is built; never downloaded. Its
+        names must be exactly the trunk's: torchvision's ``conv1``, ``bn1``, ``layer1``,
+        ``layer2`` entries for ``"resnet50"``/``"resnext50"``, a user module's own
+        ``state_dict()`` names (see :meth:`ltroute.nn.ExpertNet.load_trunk_weights`, which
+        also shows how to convert a torchvision checkpoint). Missing file: a
+        ``FileNotFoundError``; other names or shapes: a ``ValueError`` listing them."""
 
 _training_parameters = """module : type, default=ExpertNet
         Class building the network; called with the keyword arguments of

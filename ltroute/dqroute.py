@@ -618,6 +618,7 @@ class DQRouteClassifier(LongTailNet):
         device="auto",
         verbose=0,
         random_state=None,
+        backbone_weights=None,
         **kwargs,
     ):
         super().__init__(
@@ -626,7 +627,7 @@ class DQRouteClassifier(LongTailNet):
             criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
             batch_size=batch_size, train_split=train_split, callbacks=callbacks,
             device=device, verbose=verbose, random_state=random_state,
-            lr_schedule=lr_schedule, **kwargs,
+            lr_schedule=lr_schedule, backbone_weights=backbone_weights, **kwargs,
         )
         self.n_experts = n_experts
         self.partition = partition

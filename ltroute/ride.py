@@ -211,7 +211,9 @@ class RIDEClassifier(LongTailNet):
 
     reduce_dimension : bool, default=True
         ResNet-32 experts with layer2/layer3 widths 24/48 instead of 32/64, so that three
-        experts cost about as much as one full ResNet-32 (other backbones ignore it).
+        experts cost about as much as one full ResNet-32; ResNet-50/ResNeXt-50 experts
+        with layer3/layer4 planes 192/384 instead of 256/512 (RIDE's ImageNet-LT
+        models). Other backbones ignore it.
 
     router : bool, default=True
         Train the expert-assignment router (stage 2) and route at prediction time;
@@ -405,6 +407,7 @@ class RIDEClassifier(LongTailNet):
         device="auto",
         verbose=0,
         random_state=None,
+        backbone_weights=None,
         **kwargs,
     ):
         super().__init__(
@@ -413,7 +416,7 @@ class RIDEClassifier(LongTailNet):
             criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
             batch_size=batch_size, train_split=train_split, callbacks=callbacks,
             device=device, verbose=verbose, random_state=random_state,
-            lr_schedule=lr_schedule, **kwargs,
+            lr_schedule=lr_schedule, backbone_weights=backbone_weights, **kwargs,
         )
         self.n_experts = n_experts
         self.loss = loss

@@ -42,3 +42,22 @@ def write_cifar(root, n_classes, n_train_per_class, n_test_per_class):
     return dict(
         X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test, names=names
     ), checksums
+
+
+def write_cifar_folder(root, source, names=None, ext="png", zero_pad=True):
+    """The arrays of :func:`write_cifar` as ``root/{train,test}/<class>/<n>.<ext>``,
+    numbered per class in file order as the converter of the public JPEG copy does."""
+    from PIL import Image
+
+    n_classes = len(source["names"])
+    names = names or source["names"]
+    for split in ("train", "test"):
+        X, y = source[f"X_{split}"], source[f"y_{split}"]
+        rank = [0] * n_classes
+        for image, label in zip(X.reshape(-1, 3, 32, 32), y, strict=True):
+            folder = root / split / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{rank[label]:04d}" if zero_pad else str(rank[label])
+            Image.fromarray(image.transpose(1, 2, 0)).save(folder / f"{stem}.{ext}")
+            rank[label] += 1
+    return root

@@ -3,13 +3,17 @@
 import hashlib
 import tarfile
 from decimal import ROUND_FLOOR, Decimal, localcontext
+from pathlib import Path
 
 import numpy as np
 import pytest
-from cifar_fixture import md5, write_cifar
+import torch
+from cifar_fixture import md5, write_cifar, write_cifar_folder
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from ltroute.datasets import (
+    ImageFolder,
     load_cifar_lt,
     load_digits_lt,
     load_letter_lt,
@@ -509,3 +513,107 @@ def test_make_long_tailed_classification_follows_the_profile_and_is_seeded():
                                              n_classes=5, imbalance_ratio=10, random_state=3)
     np.testing.assert_array_equal(X, X2)
     np.testing.assert_array_equal(y, y2)
+
+
+# ----------------------------------------------------------------------------------------
+# load_cifar_lt from an image-folder copy (root/train/<class>/<n>.png, root/test/...)
+# ----------------------------------------------------------------------------------------
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                 "ship", "truck"]
+
+
+def _by_class(X, y):
+    """Images of a split grouped class by class, file order kept within a class."""
+    order = np.argsort(y, kind="stable")
+    return X[order], y[order]
+
+
+@pytest.mark.parametrize(
+    "n_classes, n_train, n_test, ratio, names, zero_pad",
+    # The official names are alphabetical; files 0 .. 11 unpadded: "10" after "9".
+    [(10, 12, 2, 10, CIFAR10_NAMES, False),
+     # Class folders named by number: "10" after "9" too.
+     (100, 3, 1, 3, [str(c) for c in range(100)], True)],
+)
+def test_load_cifar_lt_from_an_image_folder_selects_as_ldam(
+    tmp_path, monkeypatch, n_classes, n_train, n_test, ratio, names, zero_pad
+):
+    """The same images, labels and counts as from the official files (PNG: lossless)."""
+    source, checksums = write_cifar(tmp_path / "official", n_classes, n_train, n_test)
+    monkeypatch.setattr("ltroute.datasets._cifar._MD5", checksums)
+    official = load_cifar_lt(tmp_path / "official", n_classes=n_classes, imbalance_ratio=ratio)
+    folder = write_cifar_folder(tmp_path / "folder", source, names, zero_pad=zero_pad)
+    data = load_cifar_lt(folder, n_classes=n_classes, imbalance_ratio=ratio)
+
+    X_ref, y_ref, counts = _ldam_reference(source["X_train"], source["y_train"], n_classes,
+                                           1 / ratio)
+    np.testing.assert_array_equal(data.X_train, X_ref.reshape(-1, 3, 32, 32) / np.float32(255))
+    np.testing.assert_array_equal(data.X_train, official.X_train)
+    np.testing.assert_array_equal(data.y_train, official.y_train)
+    assert data.class_counts == official.class_counts and list(data.class_counts.values()) \
+        == counts
+    assert data.target_names.tolist() == names
+    # Test split: complete, class by class.
+    X_test, y_test = _by_class(official.X_test, official.y_test)
+    np.testing.assert_array_equal(data.X_test, X_test)
+    np.testing.assert_array_equal(data.y_test, y_test)
+    # train_indices / train_files: positions among the folder's files (class, number).
+    for index, path, label in zip(data.train_indices, data.train_files, data.y_train,
+                                  strict=True):
+        assert Path(path).parent.name == names[label]
+        assert int(Path(path).stem) == index - n_train * label
+
+
+def test_load_cifar_lt_image_folder_as_lazy_datasets(tmp_path, monkeypatch):
+    source, _ = write_cifar(tmp_path / "official", 10, 12, 2)
+    folder = write_cifar_folder(tmp_path / "folder", source, CIFAR10_NAMES)
+    arrays = load_cifar_lt(folder, n_classes=10, imbalance_ratio=10)
+
+    def no_decoding(self, path):
+        raise AssertionError(f"decoded {path}")
+
+    with monkeypatch.context() as patch:  # building the split lists files only
+        patch.setattr(ImageFolder, "load", no_decoding)
+        data = load_cifar_lt(folder, n_classes=10, imbalance_ratio=10, as_dataset=True)
+        assert "X_train" not in data and "X_test" not in data
+        assert isinstance(data.train, ImageFolder) and isinstance(data.test, ImageFolder)
+        assert data.train.targets == arrays.y_train.tolist()
+        assert data.test.targets == arrays.y_test.tolist()
+        assert data.train.classes == CIFAR10_NAMES
+        np.testing.assert_array_equal(data.y_train, arrays.y_train)
+    assert len(data.train) == len(arrays.y_train) == sum(data.class_counts.values())
+    for index in (0, 5, len(data.train) - 1):
+        image, label = data.train[index]
+        assert image.dtype == torch.float32 and image.shape == (3, 32, 32)
+        np.testing.assert_array_equal(image.numpy(), arrays.X_train[index])
+        assert label == arrays.y_train[index]
+    image, label = data.test[7]
+    np.testing.assert_array_equal(image.numpy(), arrays.X_test[7])
+
+
+def test_load_cifar_lt_reads_a_jpeg_folder(tmp_path):
+    source, _ = write_cifar(tmp_path / "official", 10, 12, 2)
+    folder = write_cifar_folder(tmp_path / "folder", source, CIFAR10_NAMES, ext="jpg")
+    data = load_cifar_lt(folder, n_classes=10, imbalance_ratio=10)
+    assert data.X_train.shape == (sum(data.class_counts.values()), 3, 32, 32)
+    assert data.X_train.dtype == np.float32 and 0 <= data.X_train.min() <= data.X_train.max() <= 1
+    assert data.X_test.shape == (20, 3, 32, 32)
+
+
+def test_load_cifar_lt_image_folder_errors(tmp_path):
+    source, _ = write_cifar(tmp_path / "official", 10, 12, 2)
+    folder = write_cifar_folder(tmp_path / "folder", source, CIFAR10_NAMES)
+    with pytest.raises(ValueError, match="holds 10 class folders, but n_classes=100"):
+        load_cifar_lt(folder, n_classes=100, imbalance_ratio=10)
+    with pytest.raises(ValueError, match="is an image folder.*download=True"):
+        load_cifar_lt(folder, n_classes=10, imbalance_ratio=10, download=True)
+    with pytest.raises(ValueError, match="as_dataset=True needs an image-folder copy"):
+        load_cifar_lt(tmp_path / "official", n_classes=10, as_dataset=True)
+    Image.new("RGB", (16, 16)).save(folder / "test" / "cat" / "9999.png")
+    with pytest.raises(ValueError, match="different sizes"):
+        load_cifar_lt(folder, n_classes=10, imbalance_ratio=10)
+    (folder / "test" / "cat" / "9999.png").unlink()
+    (folder / "test" / "unicorn").mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "test" / "unicorn" / "0.png")
+    with pytest.raises(ValueError, match="class folders of .* differ|holds 11 class folders"):
+        load_cifar_lt(folder, n_classes=10, imbalance_ratio=10)

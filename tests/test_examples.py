@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cifar_fixture import write_cifar
 
@@ -71,3 +72,34 @@ def test_distributed_accelerate_with_two_cpu_processes():
     assert [line.split(":")[0] for line in lines] == ["process 0/2", "process 1/2"]
     # Same scores, parameters and class weights in both processes.
     assert len({line.split(":", 1)[1] for line in lines}) == 1
+
+
+@pytest.mark.slow
+def test_image_folder_on_a_tiny_jpeg_folder(tmp_path, capsys):
+    """The image-folder example on 10 classes of 8x8 JPEGs the test writes (in-process:
+    ``main`` with the arguments a user would give)."""
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+             "ship", "truck"]
+    for split, n in (("train", 20), ("test", 3)):
+        for label, name in enumerate(names):
+            folder = tmp_path / "jpeg" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.randint(0, 256, (8, 8, 3)).astype(np.uint8)
+                pixels[..., label % 3] = 40 * (label // 3)  # a per-class colour cue
+                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
+    spec = importlib.util.spec_from_file_location("image_folder_example",
+                                                  EXAMPLES / "image_folder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figure = tmp_path / "per_class.png"
+    report = module.main([str(tmp_path / "jpeg"), "--imbalance-ratio", "10", "--epochs", "1",
+                          "--output", str(figure)])
+    out = capsys.readouterr().out
+    assert "CIFAR-10 (JPEG copy): 78 training images (20 ... 2 per class" in out
+    assert "few" in out and "[CIFAR-10 (JPEG copy)]" in out
+    assert "overall" in report and "few" in report
+    assert figure.stat().st_size > 0

@@ -7,7 +7,7 @@
   data sets shipped with ltroute (or scikit-learn), split into a long-tailed training
   set and a balanced, disjoint test set.
 - :func:`load_cifar_lt` -- CIFAR-10-LT / CIFAR-100-LT exactly as LDAM-DRW and RIDE
-  build them, from the official files.
+  build them, from the official files or an image-folder copy (arrays or lazy datasets).
 - :class:`ImageFolder` -- a ``root/<class>/<image>`` folder as a lazy torch Dataset
   (Pillow; torchvision's ``ImageFolder`` attributes, tensors in ``[0, 1]``).
 """
