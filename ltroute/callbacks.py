@@ -408,6 +408,11 @@ class ConvergenceCheck(Callback):
             for batch in net.get_iterator(dataset, training=False):
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
+                if hasattr(net, "accelerator"):
+                    # skorch's AccelerateMixin gathers the outputs of every process in
+                    # evaluation_step: gather the labels alike, so that every process
+                    # judges the whole training fold and they all warn or none does.
+                    target = net.accelerator.gather_for_metrics(target)
                 correct += int((probs.argmax(dim=1) == target).sum())
                 batch_counts = torch.bincount(target.cpu(), minlength=len(net.classes_))
                 counts = batch_counts if counts is None else counts + batch_counts
