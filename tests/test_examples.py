@@ -65,7 +65,8 @@ def test_images_mnist_lt():
 def test_distributed_accelerate_with_two_cpu_processes():
     """``accelerate launch --cpu --num_processes 2``: two processes train one model."""
     pytest.importorskip("accelerate")
-    launcher = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu",
+    # The launcher module of this interpreter: no reliance on a console script on PATH.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
                 "--num_processes", "2"]
     out = run_example("distributed_accelerate.py", launcher=launcher)
     lines = sorted(line for line in out.splitlines() if line.startswith("process "))
