@@ -32,6 +32,14 @@ from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
 from skorch.utils import to_tensor
 
+from ltroute._inputs import (
+    InferenceDataset,
+    TrainingDataset,
+    check_dataset_y,
+    dataset_labels,
+    first_image_shape,
+    is_dataset_input,
+)
 from ltroute._validation import (
     build_checked_network,
     check_batch_norm_batches,
@@ -133,7 +141,7 @@ class LongTailNet(NeuralNetClassifier):
 
     # ------------------------------------------------------------------ fitting
     @rolls_back_on_error
-    def fit(self, X, y, sample_weight=None, **fit_params):
+    def fit(self, X, y=None, sample_weight=None, **fit_params):
         """Validate and encode the data, then train with skorch.
 
         A fit that fails before it changed a network (bad input, a bad parameter, a
@@ -142,10 +150,20 @@ class LongTailNet(NeuralNetClassifier):
 
         Parameters
         ----------
-        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W)
-            Feature matrix or image tensor (numpy, pandas or torch; cast to float32).
-        y : array-like of shape (n_samples,)
-            Class labels (strings or any integers); at least two classes.
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W), or Dataset
+            Feature matrix or image tensor (numpy, pandas or torch; cast to float32), or
+            a map-style :class:`torch.utils.data.Dataset` of ``(image, label)`` items
+            (images: tensors of shape (C, H, W), all the same; e.g.
+            :class:`ltroute.datasets.ImageFolder`, torchvision's ``ImageFolder``, a
+            ``Subset``, skorch's ``SliceDataset``), loaded batch by batch through the
+            ``iterator_train__*`` parameters (``num_workers``, ``pin_memory``, ...).
+            Labels come from the dataset's ``targets`` when it has them (no image
+            decoded), else from one pass; integer targets of a dataset with ``classes``
+            become those names, so ``predict`` returns folder names.
+        y : array-like of shape (n_samples,) or None
+            Class labels (strings or any integers); at least two classes. With a
+            Dataset ``X``: ``None`` (the dataset's labels), or labels that agree with
+            them (needed when its items carry no label).
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative, finite weights (at least one positive) multiplying each
             sample's terms of the training loss. With class weights ``w`` (deferred
@@ -168,20 +186,27 @@ class LongTailNet(NeuralNetClassifier):
         """
         self._check_params()
         continuing = bool(self.warm_start and self.initialized_)
-        X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
-        sample_weight = check_fit_sample_weight(sample_weight, X)
+        if is_dataset_input(X):
+            y_encoded, classes, input_shape = self._validate_training_dataset(
+                X, y, reset=not continuing)
+            sample_weight = check_fit_sample_weight(sample_weight, y_encoded)
+            train_X = TrainingDataset(X, y_encoded, input_shape, sample_weight)
+            X = train_X.without_sample_weight()
+        else:
+            X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
+            sample_weight = check_fit_sample_weight(sample_weight, X)
+            train_X, input_shape = with_sample_weight(X, sample_weight), X.shape[1:]
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError("warm_start=True needs the same classes as the previous fit; "
                              f"got {classes.tolist()} after {self.classes_.tolist()}.")
         self.classes_ = classes
         self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
-        self.input_shape_ = tuple(int(s) for s in X.shape[1:])
+        self.input_shape_ = tuple(int(s) for s in input_shape)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with self._runtime(seed=seed):
             if not continuing:
                 self.initialize()
-            NeuralNet.partial_fit(self, with_sample_weight(X, sample_weight), y_encoded,
-                                  **fit_params)
+            NeuralNet.partial_fit(self, train_X, y_encoded, **fit_params)
             self._after_training(X, y_encoded)
         return self
 
@@ -223,6 +248,26 @@ class LongTailNet(NeuralNetClassifier):
                              f"class: {classes.tolist()}.")
         return X, y_encoded.astype(np.int64), classes
 
+    def _validate_training_dataset(self, X, y, reset: bool = True
+                                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+        """Encoded int64 labels, the sorted class labels and the sample shape of a
+        Dataset ``X`` (see :mod:`ltroute._inputs`)."""
+        input_shape = first_image_shape(X)
+        if not reset and input_shape != self.input_shape_:
+            raise ValueError(f"The dataset has samples of shape {input_shape}, but "
+                             f"{type(self).__name__} was fitted on samples of shape "
+                             f"{self.input_shape_}.")
+        labels = check_dataset_y(X, y, type(self).__name__)
+        check_classification_targets(labels)
+        classes, y_encoded = np.unique(labels, return_inverse=True)
+        if len(classes) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes; the dataset "
+                             f"has 1 class: {classes.tolist()}.")
+        if reset:
+            self.n_features_in_ = input_shape[0]
+            self.__dict__.pop("feature_names_in_", None)
+        return y_encoded.astype(np.int64), classes, input_shape
+
     @staticmethod
     def _check_input_ndim(X) -> int:
         """Number of dimensions of ``X`` (array-like), which must be 2 or 4."""
@@ -237,8 +282,11 @@ class LongTailNet(NeuralNetClassifier):
             )
         return len(shape)
 
-    def _validate_predict_data(self, X) -> np.ndarray:
+    def _validate_predict_data(self, X) -> np.ndarray | InferenceDataset:
         check_is_fitted(self, ["module_", "classes_"])
+        if is_dataset_input(X):
+            first_image_shape(X)  # a clear error for bad items before any batch
+            return InferenceDataset(X, self.input_shape_, type(self).__name__)
         ndim = self._check_input_ndim(X)
         self._check_input_shape(X, ndim)
         return writable(validate_data(self, X, reset=False, dtype=np.float32,
@@ -459,6 +507,32 @@ class LongTailNet(NeuralNetClassifier):
         """
         probs = self.predict_proba(X)
         return self.classes_[probs.argmax(axis=1)]
+
+    def score(self, X, y=None, sample_weight=None) -> float:
+        """Mean accuracy of ``predict(X)`` against ``y``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W), or Dataset
+            Same kind of input as in ``fit``.
+        y : array-like of shape (n_samples,) or None
+            True labels; ``None`` only with a Dataset ``X``, whose labels are used.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Weights of the samples in the mean.
+
+        Returns
+        -------
+        float
+        """
+        from sklearn.metrics import accuracy_score
+
+        if y is None:
+            labels = dataset_labels(X) if is_dataset_input(X) else None
+            if labels is None:
+                raise ValueError(f"{type(self).__name__}.score needs y (the true labels) "
+                                 "unless X is a dataset of (image, label) items.")
+            y = labels
+        return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
 
     # ------------------------------------------------------------- plumbing
     @property

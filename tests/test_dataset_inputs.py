@@ -1,0 +1,218 @@
+"""Map-style datasets as inputs of fit / predict / predict_proba / score / route /
+energies (ltroute._inputs), on tiny Pillow image folders the tests write."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.base import clone
+from skorch.helper import SliceDataset
+from torch.testing import assert_close
+from torch.utils.data import Dataset, Subset
+
+from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
+from ltroute.datasets import ImageFolder
+
+COUNTS = {"cat": 12, "dog": 6, "emu": 3}
+
+
+def write_folder(root, counts=COUNTS, size=8, odd=None, seed=0):
+    """``root/<class>/<i>.png``: each class is bright in its own colour channel.
+    ``odd=(class, i, size)`` writes that one image at another size."""
+    rng = np.random.RandomState(seed)
+    for channel, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            side = odd[2] if odd is not None and odd[:2] == (name, i) else size
+            pixels = rng.randint(0, 60, size=(side, side, 3)).astype(np.uint8)
+            pixels[..., channel % 3] += 180
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def as_arrays(dataset):
+    X = torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
+    return X, np.asarray(dataset.classes)[dataset.targets]
+
+
+class Counting(Dataset):
+    """A dataset counting how many items were loaded; ``targets`` optional."""
+
+    def __init__(self, base, with_targets):
+        self.base = base
+        self.loads = 0
+        if with_targets:
+            self.targets = list(base.targets)
+            self.classes = list(base.classes)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        self.loads += 1
+        image, label = self.base[index]
+        return image, self.base.classes[label] if not hasattr(self, "targets") else label
+
+
+class Items(Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def small(cls=LongTailClassifier, **params):
+    return cls(**({"max_epochs": 4, "batch_size": 8, "lr": 3e-3, "random_state": 0}
+                  | params))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return ImageFolder(write_folder(tmp_path_factory.mktemp("folder")))
+
+
+@pytest.mark.parametrize("cls", [LongTailClassifier, RIDEClassifier, DQRouteClassifier])
+def test_dataset_fit_matches_the_array_fit(folder, cls):
+    X, y = as_arrays(folder)
+    from_dataset = small(cls).fit(folder)
+    from_arrays = small(cls).fit(X, y)
+    assert from_dataset.classes_.tolist() == ["cat", "dog", "emu"]
+    assert from_dataset.class_counts_.tolist() == [12, 6, 3]
+    assert from_dataset.input_shape_ == (3, 8, 8) and from_dataset.n_features_in_ == 3
+    # Same seed, same batches: the same network, through either input path.
+    assert_close(from_dataset.predict_proba(folder), from_arrays.predict_proba(X))
+    assert_close(from_dataset.predict_proba(X), from_arrays.predict_proba(X))
+    predictions = from_dataset.predict(folder)
+    assert set(predictions) <= {"cat", "dog", "emu"}  # folder names
+    np.testing.assert_array_equal(predictions, from_arrays.predict(X))
+    assert from_dataset.score(folder) == pytest.approx(np.mean(predictions == y))
+    assert from_dataset.score(folder, y) == from_dataset.score(folder)
+    if hasattr(from_dataset, "route"):
+        np.testing.assert_array_equal(from_dataset.route(folder), from_arrays.route(X))
+    if hasattr(from_dataset, "energies"):
+        assert_close(from_dataset.energies(folder), from_arrays.energies(X))
+
+
+def test_the_images_are_learned(folder):
+    clf = small(max_epochs=25).fit(folder)
+    assert clf.score(folder) > 0.9  # each class has its own bright channel
+
+
+@pytest.mark.parametrize("with_targets", [True, False])
+def test_labels_from_targets_without_decoding_else_one_pass(folder, with_targets):
+    data = Counting(folder, with_targets)
+    clf = small(max_epochs=0).fit(data)
+    # The first item gives the image shape; without targets one pass gives the labels.
+    assert data.loads == (1 if with_targets else 1 + len(folder))
+    assert clf.classes_.tolist() == ["cat", "dog", "emu"]
+    assert clf.class_counts_.tolist() == [12, 6, 3]
+
+
+def test_sample_weight_with_a_dataset_matches_the_arrays(folder):
+    X, y = as_arrays(folder)
+    weights = np.arange(len(y)) % 3 + 1.0
+    from_dataset = small().fit(folder, sample_weight=weights)
+    from_arrays = small().fit(X, y, sample_weight=weights)
+    assert_close(from_dataset.predict_proba(folder), from_arrays.predict_proba(X))
+    assert not np.allclose(from_dataset.predict_proba(X), small().fit(X, y).predict_proba(X))
+
+
+def test_subset_and_slice_dataset(folder):
+    keep = np.r_[0:10, 12:17, 18:21]
+    subset = Subset(folder, keep)
+    clf = small(max_epochs=0).fit(subset)
+    assert clf.class_counts_.tolist() == [10, 5, 3]
+    X_slice, y_slice = SliceDataset(folder)[keep], SliceDataset(folder, idx=1)[keep]
+    clf = small().fit(X_slice, y_slice)
+    assert clf.class_counts_.tolist() == [10, 5, 3]
+    assert clf.predict(X_slice).shape == (len(keep),)
+    assert clf.score(X_slice) == clf.score(subset)
+
+
+def test_y_must_agree_with_the_dataset(folder):
+    names = np.asarray(folder.classes)[folder.targets]
+    small(max_epochs=0).fit(folder, names)  # the names
+    clf = small(max_epochs=0).fit(folder, folder.targets)  # or the class indices
+    assert clf.classes_.tolist() == ["cat", "dog", "emu"]
+    wrong = names.copy()
+    wrong[3] = "dog"
+    with pytest.raises(ValueError, match="y disagrees with the dataset's labels at 1 of 21"):
+        small(max_epochs=0).fit(folder, wrong)
+    with pytest.raises(ValueError, match="y has 20 labels but the dataset has 21"):
+        small(max_epochs=0).fit(folder, names[:20])
+
+
+def test_images_without_labels_need_y(folder):
+    images = Items([folder[i][0] for i in range(len(folder))])
+    with pytest.raises(ValueError, match="carry no label, so y is needed"):
+        small(max_epochs=0).fit(images)
+    clf = small(max_epochs=0).fit(images, np.asarray(folder.targets))
+    assert clf.class_counts_.tolist() == [12, 6, 3]
+    assert clf.predict(images).shape == (21,)
+
+
+def test_worker_processes_load_the_same_batches(folder):
+    X, _ = as_arrays(folder)
+    plain = small().fit(folder)
+    workers = small(iterator_train__num_workers=2, iterator_valid__num_workers=2).fit(folder)
+    assert_close(workers.predict_proba(folder), plain.predict_proba(X))
+    # Persistent workers draw their seed once, so later epochs shuffle differently.
+    persistent = small(max_epochs=25, iterator_train__num_workers=2,
+                       iterator_train__persistent_workers=True).fit(folder)
+    assert persistent.score(folder) > 0.9
+
+
+def test_clone_and_refit_from_a_dataset(folder):
+    clf = small().fit(folder)
+    again = clone(clf).fit(folder)
+    assert_close(again.predict_proba(folder), clf.predict_proba(folder))
+
+
+image = torch.zeros(3, 8, 8)
+
+
+@pytest.mark.parametrize("items, match", [
+    ([(Image.new("RGB", (8, 8)), 0)] * 4, "holds a Image as its image.*ToTensor"),
+    (["not an item"] * 4, "Item 0 of the dataset is a str"),
+    ([(image,)] * 4, "of length 1; ltroute needs \\(image, label\\)"),
+    ([(torch.zeros(8, 8), 0)] * 4, "shape \\(8, 8\\); ltroute needs \\(channels"),
+    ([(image, 0), (image, torch.tensor([0, 1]))] * 2, "Item 1 .* label of shape \\(2,\\)"),
+    ([(image, None)] * 4, "Item 0 .* label of type NoneType"),
+    ([(image, "a")] * 4, "needs at least 2 classes; the dataset has 1 class"),
+    ([], "The dataset is empty"),
+])
+def test_bad_datasets_get_a_clear_value_error(items, match):
+    with pytest.raises(ValueError, match=match):
+        small(max_epochs=1).fit(Items(items))
+
+
+def test_mixed_image_sizes(tmp_path):
+    data = ImageFolder(write_folder(tmp_path, {"a": 4, "b": 4}, odd=("b", 2, 9)))
+    with pytest.raises(ValueError, match="Item 6 of the dataset has shape \\(3, 9, 9\\), but "
+                                         "the first item has shape \\(3, 8, 8\\)"):
+        small(max_epochs=1).fit(data)
+
+
+def test_a_failed_fit_or_predict_leaves_the_fitted_estimator_as_it_was(folder, tmp_path):
+    clf = small().fit(folder)
+    before = clf.predict_proba(folder)
+    with pytest.raises(ValueError, match="needs at least 2 classes"):
+        clf.fit(Items([(image, "a")] * 4))
+    other = ImageFolder(write_folder(tmp_path, {"a": 2, "b": 2}, size=6))
+    with pytest.raises(ValueError, match="Item 0 .* shape \\(3, 6, 6\\), but "
+                                         "LongTailClassifier was fitted on samples of shape "
+                                         "\\(3, 8, 8\\)"):
+        clf.predict(other)
+    assert clf.classes_.tolist() == ["cat", "dog", "emu"]
+    assert_close(clf.predict_proba(folder), before)
+
+
+def test_score_needs_y_for_arrays(folder):
+    X, _ = as_arrays(folder)
+    clf = small(max_epochs=1).fit(folder)
+    with pytest.raises(ValueError, match="needs y"):
+        clf.score(X)
