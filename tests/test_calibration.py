@@ -1,0 +1,80 @@
+"""Temperature scaling and its composition with the prior correction."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy.special import log_softmax
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from ltroute import PriorCorrectedClassifier
+from ltroute.calibration import TemperatureScaling, apply_temperature, fit_temperature
+
+
+def _overconfident(n, temperature, rng):
+    """Labels drawn from softmax(z); the classifier reports logits z / temperature."""
+    z = 2.0 * rng.randn(n, 5)
+    p = np.exp(log_softmax(z, axis=1))
+    y = np.array([rng.choice(5, p=row) for row in p])
+    return z / temperature, y
+
+
+def test_fit_temperature_recovers_the_generating_temperature():
+    log_proba, y = _overconfident(6000, 0.5, np.random.RandomState(0))
+    temperature, biases = fit_temperature(log_proba, y)
+    # the reported logits are z / 0.5, so T = 2 undoes it; 6000 samples: a few percent
+    assert abs(temperature - 2.0) < 0.1
+    assert_array_equal(biases, 0.0)
+
+
+def test_fit_temperature_with_bias_recovers_a_class_shift():
+    rng = np.random.RandomState(1)
+    z = 2.0 * rng.randn(6000, 3)
+    shift = np.array([1.0, 0.0, -1.0])
+    p = np.exp(log_softmax(z + shift, axis=1))
+    y = np.array([rng.choice(3, p=row) for row in p])
+    temperature, biases = fit_temperature(z, y, bias=True)
+    assert abs(temperature - 1.0) < 0.1
+    assert_allclose(biases, shift - shift.mean(), atol=0.15)
+
+
+def test_calibration_lowers_held_out_nll():
+    log_proba, y = _overconfident(4000, 0.4, np.random.RandomState(2))
+    t, b = fit_temperature(log_proba[:2000], y[:2000], bias=True)
+    rows = np.arange(2000)
+    before = -np.mean(log_softmax(log_proba[2000:], axis=1)[rows, y[2000:]])
+    after = -np.mean(apply_temperature(log_proba[2000:], t, b)[rows, y[2000:]])
+    assert after < before - 0.1
+
+
+def test_temperature_scaling_keeps_the_argmax_and_composes_with_the_prior():
+    rng = np.random.RandomState(3)
+    counts = [300, 100, 30]
+    y = np.repeat(np.arange(3), counts)
+    X = rng.randn(len(y), 2) + 1.5 * np.eye(3)[y][:, :2] - 1.5 * (y == 2)[:, None]
+    ts = TemperatureScaling(LogisticRegression(), cv=3).fit(X, y)
+    assert_array_equal(ts.predict(X), ts.estimator_.predict(X))
+    assert_allclose(ts.predict_proba(X).sum(axis=1), 1.0)
+    # calibrate, then correct: one estimator with calibration="temperature" is the same
+    # as the correction of a TemperatureScaling step
+    composed = PriorCorrectedClassifier(
+        TemperatureScaling(LogisticRegression(), cv=3), calibration=None
+    ).fit(X, y)
+    built_in = PriorCorrectedClassifier(LogisticRegression(), calibration="temperature", cv=3).fit(
+        X, y
+    )
+    assert_allclose(composed.predict_proba(X), built_in.predict_proba(X), rtol=1e-6)
+
+
+def test_fit_temperature_rejects_bad_input():
+    with pytest.raises(ValueError, match="finite"):
+        fit_temperature([[0.0, np.inf]], [0])
+    with pytest.raises(ValueError, match="rows"):
+        fit_temperature([[0.0, 1.0]], [0, 1])
+    with pytest.raises(ValueError, match="cv"):
+        TemperatureScaling(LogisticRegression(), cv=1).fit([[0.0], [1.0]], [0, 1])
+
+
+@parametrize_with_checks([TemperatureScaling(LogisticRegression(), cv=3)])
+def test_sklearn_compatible_estimator(estimator, check):
+    check(estimator)
