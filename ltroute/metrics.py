@@ -38,6 +38,7 @@ __all__ = [
     "many_shot_accuracy",
     "medium_shot_accuracy",
     "few_shot_accuracy",
+    "expected_calibration_error",
     "long_tail_report",
     "make_shot_scorer",
     "many_shot_scorer",
@@ -555,6 +556,157 @@ def few_shot_accuracy(
 # --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
+
+
+def _check_n_bins(n_bins: Any) -> None:
+    if isinstance(n_bins, bool):
+        raise TypeError(f"n_bins must be an int, got {n_bins!r}.")
+    check_scalar(n_bins, "n_bins", target_type=numbers.Integral, min_val=1)
+
+
+def _check_proba(y_proba: Any, n_classes: int | None) -> np.ndarray:
+    proba = np.asarray(y_proba, dtype=np.float64)
+    if proba.ndim != 2:
+        raise ValueError(f"y_proba must be 2-D (n_samples, n_classes); got shape "
+                         f"{proba.shape}.")
+    if n_classes is not None and proba.shape[1] != n_classes:
+        raise ValueError(f"y_proba has {proba.shape[1]} columns but there are {n_classes} "
+                         "classes; its columns must be aligned with classes.")
+    if not np.all(np.isfinite(proba)):
+        raise ValueError("y_proba contains NaN or infinite values.")
+    if np.any(proba < 0) or np.any(proba > 1 + 1e-6):
+        raise ValueError("y_proba must hold probabilities in [0, 1].")
+    if not np.allclose(proba.sum(axis=1), 1.0, atol=1e-4):
+        raise ValueError("the rows of y_proba must sum to one.")
+    return proba
+
+
+def _calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin of ``confidence``: sample count, mean confidence, accuracy.
+
+    Bin ``b`` holds confidences in ``(b / n_bins, (b + 1) / n_bins]`` (the first bin also
+    holds 0). Empty bins have mean confidence and accuracy ``nan``.
+    """
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]
+    index = np.digitize(confidence, inner_edges, right=True)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=correct.astype(np.float64),
+                               minlength=n_bins) / count
+    return count, mean_confidence, accuracy
+
+
+def _ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    count, mean_confidence, accuracy = _calibration_bins(confidence, correct, n_bins)
+    filled = count > 0
+    gaps = np.abs(accuracy[filled] - mean_confidence[filled])
+    return float(np.sum(count[filled] * gaps) / count.sum())
+
+
+def expected_calibration_error(
+    y_true: ArrayLike,
+    y_proba: ArrayLike,
+    *,
+    class_counts: Mapping | ArrayLike | None = None,
+    classes: ArrayLike | None = None,
+    n_bins: int = 15,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+) -> float | dict[str, float]:
+    """Expected calibration error (ECE) of predicted probabilities, overall and per group.
+
+    The confidence of a sample is its largest probability, its prediction that class.
+    Confidences are put in ``n_bins`` equal-width bins of ``[0, 1]`` (bin ``b`` holds
+    ``(b / n_bins, (b + 1) / n_bins]``, edges from ``numpy.linspace``), and
+
+        ECE = sum_b (n_b / n) * |accuracy_b - mean confidence_b|
+
+    over the non-empty bins (Naeini et al. 2015; Guo et al. 2017). ``0`` is perfect
+    calibration; the ECE is at most 1.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+        True labels.
+
+    y_proba : array-like of shape (n_samples, n_classes)
+        Predicted probabilities, columns aligned with ``classes`` (e.g. an estimator's
+        ``predict_proba`` with ``classes=estimator.classes_``); rows sum to one.
+
+    class_counts : mapping or array-like of shape (n_classes,), default=None
+        Training samples per class, as in :func:`group_accuracy`. When given, the ECE is
+        also computed for the samples whose *true* class is in each shot group.
+
+    classes : array-like of shape (n_classes,), default=None
+        Class labels of the columns of ``y_proba``. Default: as in
+        :func:`group_accuracy` with ``class_counts``; ``0, ..., n_classes - 1`` without.
+
+    n_bins : int, default=15
+        Number of equal-width confidence bins.
+
+    many_threshold, few_threshold : int, default=100, 20
+        Shot-group thresholds, as in :func:`shot_groups`.
+
+    Returns
+    -------
+    ece : float or dict of str to float
+        Without ``class_counts`` the overall ECE. With it, a dict with keys
+        ``"overall"``, ``"many"``, ``"medium"``, ``"few"``; a group with no sample in
+        ``y_true`` is ``nan`` (with an :class:`EmptyGroupWarning`).
+
+    References
+    ----------
+    .. [1] M. P. Naeini, G. Cooper and M. Hauskrecht, "Obtaining Well Calibrated
+       Probabilities Using Bayesian Binning", AAAI 2015.
+    .. [2] C. Guo, G. Pleiss, Y. Sun and K. Q. Weinberger, "On Calibration of Modern
+       Neural Networks", ICML 2017.
+
+    Examples
+    --------
+    >>> from ltroute.metrics import expected_calibration_error
+    >>> y_proba = [[0.9, 0.1], [0.75, 0.25], [0.3, 0.7], [0.45, 0.55]]
+    >>> round(expected_calibration_error([0, 1, 1, 1], y_proba, n_bins=5), 4)
+    0.25
+    >>> ece = expected_calibration_error([0, 1, 1, 1], y_proba, class_counts=[500, 10])
+    >>> sorted(ece)
+    ['few', 'many', 'medium', 'overall']
+    """
+    _check_thresholds(many_threshold, few_threshold)
+    _check_n_bins(n_bins)
+    if class_counts is not None:
+        classes, counts = _check_class_counts(class_counts, classes)
+    elif classes is not None:
+        classes = _as_labels(classes, "classes")
+    proba = _check_proba(y_proba, None if classes is None else len(classes))
+    if classes is None:
+        classes = np.arange(proba.shape[1])
+    y_true = column_or_1d(y_true)
+    if len(y_true) != len(proba):
+        raise ValueError(f"y_true and y_proba have different lengths: {len(y_true)} and "
+                         f"{len(proba)}.")
+    if len(y_true) == 0:
+        raise ValueError("y_true and y_proba are empty; at least one sample is needed.")
+    index = {label: i for i, label in enumerate(classes.tolist())}
+    true_codes = _encode(y_true, index, "y_true")
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == true_codes
+    overall = _ece(confidence, correct, n_bins)
+    if class_counts is None:
+        return overall
+    result = {"overall": overall}
+    for group, mask in _group_masks(counts, many_threshold, few_threshold).items():
+        rows = mask[true_codes]
+        if not rows.any():
+            rule = _group_rule(group, many_threshold, few_threshold)
+            warnings.warn(f"No sample of y_true belongs to the {group!r} group ({rule}); "
+                          "its calibration error is undefined and set to nan.",
+                          EmptyGroupWarning, stacklevel=2)
+            result[group] = float("nan")
+        else:
+            result[group] = _ece(confidence[rows], correct[rows], n_bins)
+    return result
 
 
 def _python_scalar(value: Any) -> Any:

@@ -6,15 +6,23 @@ plotting function runs, so ``import ltroute.plotting`` works without it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ltroute.metrics import _ClassStats
+from ltroute.metrics import (
+    EmptyGroupWarning,
+    _calibration_bins,
+    _check_class_counts,
+    _ClassStats,
+    _group_masks,
+    expected_calibration_error,
+)
 
-__all__ = ["plot_per_class_accuracy"]
+__all__ = ["plot_per_class_accuracy", "plot_reliability_diagram"]
 
 _GROUP_COLOURS = {"many": "#e8eef7", "medium": "#f3f3f3", "few": "#fbeee6"}
 
@@ -141,4 +149,94 @@ def plot_per_class_accuracy(
     ax.set_ylabel("test accuracy of the class (recall)")
     ax.grid(alpha=0.3)
     ax.legend(loc="center right", fontsize=8)  # the group names sit at the bottom
+    return ax
+
+
+_GROUP_LINE_COLOURS = {"overall": "black", "many": "#1f77b4", "medium": "#7f7f7f",
+                       "few": "#d62728"}
+
+
+def plot_reliability_diagram(
+    y_true: ArrayLike,
+    y_proba: ArrayLike,
+    *,
+    class_counts: Mapping | ArrayLike,
+    classes: ArrayLike | None = None,
+    n_bins: int = 10,
+    ax: Any = None,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+) -> Any:
+    """Reliability diagram per shot group: accuracy against confidence, binned.
+
+    One line for all samples and one per many / medium / few-shot group (samples grouped
+    by their *true* class): a marker per non-empty equal-width confidence bin at
+    ``(mean confidence, accuracy)``. The diagonal is perfect calibration; the legend
+    gives each line's expected calibration error
+    (:func:`ltroute.metrics.expected_calibration_error`, same bins).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+        True labels.
+    y_proba : array-like of shape (n_samples, n_classes)
+        Predicted probabilities, columns aligned with ``classes``.
+    class_counts : mapping or array-like of shape (n_classes,)
+        Training samples per class, as in :func:`ltroute.metrics.group_accuracy`.
+    classes : array-like of shape (n_classes,), default=None
+        Class labels of the columns of ``y_proba``.
+    n_bins : int, default=10
+        Number of equal-width confidence bins.
+    ax : matplotlib Axes, default=None
+        Where to draw; ``None`` creates a new figure.
+    many_threshold, few_threshold : int, default=100, 20
+        Shot-group thresholds.
+
+    Returns
+    -------
+    ax : matplotlib Axes
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from ltroute.plotting import plot_reliability_diagram
+    >>> ax = plot_reliability_diagram(
+    ...     [0, 1, 1], [[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], class_counts=[500, 10])
+    >>> ax.get_xlabel()
+    'confidence (largest probability)'
+    """
+    plt = _pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyGroupWarning)
+        ece = expected_calibration_error(
+            y_true, y_proba, class_counts=class_counts, classes=classes, n_bins=n_bins,
+            many_threshold=many_threshold, few_threshold=few_threshold)
+    classes, counts = _check_class_counts(class_counts, classes)
+    proba = np.asarray(y_proba, dtype=np.float64)
+    index = {label: i for i, label in enumerate(classes.tolist())}
+    true_codes = np.array([index[label] for label in np.asarray(y_true).tolist()])
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == true_codes
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.0, 5.0))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1)
+    rows = {"overall": np.ones(len(true_codes), dtype=bool)}
+    rows |= {group: mask[true_codes] for group, mask in
+             _group_masks(counts, many_threshold, few_threshold).items()}
+    for group, selected in rows.items():
+        if not selected.any():
+            continue
+        count, mean_confidence, accuracy = _calibration_bins(
+            confidence[selected], correct[selected], n_bins)
+        filled = count > 0
+        ax.plot(mean_confidence[filled], accuracy[filled], marker="o", markersize=4,
+                linewidth=1.5 if group == "overall" else 1, color=_GROUP_LINE_COLOURS[group],
+                label=f"{group} (ECE {100 * ece[group]:.1f}%, n={int(selected.sum())})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
     return ax

@@ -9,6 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from ltroute import PriorCorrectedClassifier
 from ltroute.calibration import TemperatureScaling, apply_temperature, fit_temperature
+from ltroute.metrics import expected_calibration_error
 
 
 def _overconfident(n, temperature, rng):
@@ -78,3 +79,48 @@ def test_fit_temperature_rejects_bad_input():
 @parametrize_with_checks([TemperatureScaling(LogisticRegression(), cv=3)])
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------------------------------------- ECE
+Y_PROBA = [[0.9, 0.1], [0.75, 0.25], [0.3, 0.7], [0.45, 0.55]]
+
+
+def test_ece_equals_hand_computation():
+    # 5 bins of width 0.2. Confidences .9 (right) | .75 (wrong), .7 (right) | .55 (right):
+    # .025 + (2/4)|.5 - .725| + (1/4)|1 - .55| = .025 + .1125 + .1125
+    assert_allclose(expected_calibration_error([0, 1, 1, 1], Y_PROBA, n_bins=5), 0.25)
+    # one bin: |accuracy - mean confidence| = |.75 - .725|
+    assert_allclose(expected_calibration_error([0, 1, 1, 1], Y_PROBA, n_bins=1), 0.025)
+    # per group, by the true class: class 0 (many) .9 right; class 1 (few) the other three
+    ece = expected_calibration_error(
+        ["a", "b", "b", "b"], Y_PROBA, class_counts={"a": 500, "b": 10}, n_bins=5
+    )
+    assert_allclose([ece["overall"], ece["many"], ece["few"]], [0.25, 0.1, 0.3])
+    assert np.isnan(ece["medium"])
+
+
+def test_ece_of_calibrated_probabilities_is_small():
+    rng = np.random.RandomState(4)
+    p = rng.dirichlet(np.ones(4), size=20000)
+    y = np.array([rng.choice(4, p=row) for row in p])
+    assert expected_calibration_error(y, p) < 0.02
+    overconfident = np.exp(log_softmax(3 * np.log(p), axis=1))
+    assert expected_calibration_error(y, overconfident) > 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(y_proba=[[0.5, 0.6]]), ValueError, "sum to one"),
+        (dict(y_proba=[[np.nan, 1.0]]), ValueError, "NaN"),
+        (dict(y_proba=[0.5, 0.5]), ValueError, "2-D"),
+        (dict(y_proba=[[0.2, 0.3, 0.5]], classes=[0, 1]), ValueError, "columns"),
+        (dict(y_true=[3]), ValueError, "not in classes"),
+        (dict(n_bins=0), ValueError, "n_bins"),
+        (dict(y_true=[0, 1]), ValueError, "different lengths"),
+    ],
+)
+def test_ece_rejects_bad_input(kwargs, error, match):
+    args = {"y_true": [0], "y_proba": [[0.5, 0.5]]} | kwargs
+    with pytest.raises(error, match=match):
+        expected_calibration_error(args.pop("y_true"), args.pop("y_proba"), **args)

@@ -697,6 +697,7 @@ def test_public_names():
         "many_shot_accuracy",
         "medium_shot_accuracy",
         "few_shot_accuracy",
+        "expected_calibration_error",
         "long_tail_report",
         "make_shot_scorer",
         "many_shot_scorer",

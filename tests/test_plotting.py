@@ -65,3 +65,19 @@ def test_example_script_runs_and_saves_the_figure(tmp_path, monkeypatch):
     runpy.run_path(os.fspath(EXAMPLE), run_name="__main__")
     assert out.stat().st_size > 10_000
     plt.close("all")
+
+
+def test_reliability_diagram_one_line_per_group_with_ece():
+    from ltroute.plotting import plot_reliability_diagram
+
+    y_proba = [[0.9, 0.1, 0.0], [0.75, 0.25, 0.0], [0.3, 0.7, 0.0], [0.45, 0.55, 0.0]]
+    ax = plot_reliability_diagram(["cat", "emu", "emu", "emu"], y_proba,
+                                  class_counts=COUNTS, classes=["cat", "emu", "dog"],
+                                  n_bins=5)
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["overall (ECE 25.0%, n=4)", "many (ECE 10.0%, n=1)",
+                      "few (ECE 30.0%, n=3)"]  # no medium-shot sample: no line
+    few = ax.get_lines()[3]
+    np.testing.assert_allclose(few.get_xdata(), [0.55, 0.725])
+    np.testing.assert_allclose(few.get_ydata(), [1.0, 0.5])
+    plt.close(ax.figure)
