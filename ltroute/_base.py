@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -53,10 +53,12 @@ from ltroute._validation import (
     with_sample_weight,
     writable,
 )
+from ltroute.calibration import as_log_proba
 from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import BACKBONES, ExpertNet
+from ltroute.prior import check_prior, estimate_target_prior, prior_correction
 from ltroute.schedules import StepWarmupSchedule, default_drw_epoch
 
 __all__ = ["LongTailNet"]
@@ -98,6 +100,7 @@ class LongTailNet(NeuralNetClassifier):
         "device": [str, torch.device, None],
         "random_state": ["random_state"],
         "backbone_weights": [str, os.PathLike, None],
+        "target_prior": [StrOptions({"uniform", "train", "estimate"}), "array-like", Mapping],
     }
 
     def __init__(
@@ -121,6 +124,7 @@ class LongTailNet(NeuralNetClassifier):
         verbose=0,
         random_state=None,
         backbone_weights=None,
+        target_prior="uniform",
         **kwargs,
     ):
         # NeuralNet.__init__ directly: NeuralNetClassifier's only addition is the
@@ -138,6 +142,7 @@ class LongTailNet(NeuralNetClassifier):
         self.lr_schedule = lr_schedule
         self.random_state = random_state
         self.backbone_weights = backbone_weights
+        self.target_prior = target_prior
 
     # ------------------------------------------------------------------ fitting
     @rolls_back_on_error
@@ -491,7 +496,29 @@ class LongTailNet(NeuralNetClassifier):
             probabilities or classes. ``predict``, ``score`` and the other predict-like
             methods raise the same error.
         """
-        return self._fused_outputs(X)[0].numpy()
+        probs = self._fused_outputs(X)[0].numpy()
+        return self._apply_target_prior(probs)
+
+    def _apply_target_prior(self, probs: np.ndarray) -> np.ndarray:
+        """Correct the fused probabilities (posteriors under the uniform prior) to
+        ``target_prior``; ``"uniform"`` returns them untouched."""
+        target = self.target_prior
+        if isinstance(target, str) and target == "uniform":
+            return probs
+        validate_parameter_constraints(
+            {"target_prior": self._parameter_constraints["target_prior"]},
+            {"target_prior": target}, caller_name=type(self).__name__)
+        n_classes = len(self.classes_)
+        uniform = np.full(n_classes, 1.0 / n_classes)
+        if isinstance(target, str) and target == "train":
+            target = self.class_counts_ / self.class_counts_.sum()
+        elif isinstance(target, str):  # "estimate"
+            target = estimate_target_prior(probs, source_prior=uniform)[0]
+        else:
+            target = check_prior(target, self.classes_, name="target_prior")
+        log_probs = prior_correction(as_log_proba(probs), source_prior=uniform,
+                                     target_prior=target)
+        return np.exp(log_probs).astype(probs.dtype)
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label of each sample (original labels, not indices).

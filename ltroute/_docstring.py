@@ -116,6 +116,21 @@ _training_parameters = """module : type, default=ExpertNet
         Seeds weight initialisation and shuffling. With an int, fits are reproducible
         bit for bit on the CPU; the caller's global torch RNG is left untouched.
 
+    target_prior : "uniform", "train", "estimate", array-like or mapping, default="uniform"
+        Class prior of the traffic ``predict`` / ``predict_proba`` serve. The network's
+        fused probabilities are treated as posteriors under the *uniform* prior (what
+        the balancing losses and routers train for) and corrected by Bayes' rule,
+        ``p_t(y|x) proportional to p(y|x) pi_t(y)`` (:mod:`ltroute.prior`):
+        ``"uniform"`` is no correction (bit for bit the network's output);
+        ``"train"`` the training distribution (``class_counts_``); ``"estimate"`` the
+        prior of each batch given to ``predict``, estimated by EM (Saerens et al. 2002;
+        uncalibrated: for held-out calibration wrap the estimator in
+        :class:`~ltroute.PriorCorrectedClassifier` with ``train_prior="uniform"``); or
+        weights per class (an array aligned with ``classes_`` or a mapping over all
+        classes). Used at prediction only: ``set_params`` after ``fit`` changes it
+        without refitting. For ``loss="ce"`` / ``"focal"`` without DRW the network
+        learns the training prior instead, so ``"train"`` is then closer to no change.
+
     **kwargs
         Any other skorch parameter (``iterator_train__*``, ``optimizer__*``,
         ``module__*``, ``warm_start``, ...)."""

@@ -408,6 +408,7 @@ class RIDEClassifier(LongTailNet):
         verbose=0,
         random_state=None,
         backbone_weights=None,
+        target_prior="uniform",
         **kwargs,
     ):
         super().__init__(
@@ -416,7 +417,8 @@ class RIDEClassifier(LongTailNet):
             criterion=criterion, optimizer=optimizer, lr=lr, max_epochs=max_epochs,
             batch_size=batch_size, train_split=train_split, callbacks=callbacks,
             device=device, verbose=verbose, random_state=random_state,
-            lr_schedule=lr_schedule, backbone_weights=backbone_weights, **kwargs,
+            lr_schedule=lr_schedule, backbone_weights=backbone_weights,
+            target_prior=target_prior, **kwargs,
         )
         self.n_experts = n_experts
         self.loss = loss

@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy.stats import multivariate_normal
 from sklearn.base import clone
@@ -14,7 +15,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from ltroute import PriorCorrectedClassifier
+from ltroute import (
+    DQRouteClassifier,
+    LongTailClassifier,
+    PriorCorrectedClassifier,
+    RIDEClassifier,
+)
+from ltroute.datasets import load_digits_lt
 from ltroute.metrics import make_shot_scorer
 from ltroute.prior import (
     PRIOR_FLOOR,
@@ -294,3 +301,87 @@ ESTIMATE_XFAIL = {
 )
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
+
+
+# ------------------------------------------- target_prior on the ltroute estimators
+NET_FAST = {
+    "max_epochs": 4,
+    "hidden_sizes": (32,),
+    "expert_hidden_sizes": (),
+    "batch_size": 32,
+    "lr": 1e-2,
+    "random_state": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_lt()
+
+
+@pytest.fixture(scope="module")
+def nets(digits):
+    params = {
+        LongTailClassifier: NET_FAST | {"loss": "logit_adjusted"},
+        RIDEClassifier: NET_FAST | {"lr": 0.1, "router_epochs": 1},
+        DQRouteClassifier: NET_FAST | {"n_experts": 2},
+    }
+    return {cls: cls(**kw).fit(digits.X_train, digits.y_train) for cls, kw in params.items()}
+
+
+@pytest.mark.parametrize(
+    "cls", [LongTailClassifier, RIDEClassifier, DQRouteClassifier], ids=lambda cls: cls.__name__
+)
+def test_uniform_target_prior_is_the_network_output_bit_for_bit(nets, digits, cls):
+    clf = nets[cls]
+    assert clf.get_params()["target_prior"] == "uniform"
+    fused = clf._fused_outputs(digits.X_test)[0].numpy()
+    proba = clf.predict_proba(digits.X_test)
+    assert proba.dtype == fused.dtype
+    assert_array_equal(proba, fused)
+    assert_array_equal(clf.predict(digits.X_test), clf.classes_[fused.argmax(axis=1)])
+
+
+@pytest.mark.parametrize(
+    "cls", [LongTailClassifier, RIDEClassifier, DQRouteClassifier], ids=lambda cls: cls.__name__
+)
+def test_target_prior_is_settable_after_fit(nets, digits, cls):
+    clf = pickle.loads(pickle.dumps(nets[cls]))
+    X = digits.X_test
+    fused = clf._fused_outputs(X)[0].numpy().astype(np.float64)
+    pi_train = clf.class_counts_ / clf.class_counts_.sum()
+    for target, prior in (
+        ("train", pi_train),
+        ({c: 1.0 for c in clf.classes_}, None),
+        (np.arange(1, 11), np.arange(1, 11) / 55),
+    ):
+        clf.set_params(target_prior=target)
+        expected = fused if prior is None else fused * prior
+        expected /= expected.sum(axis=1, keepdims=True)
+        assert_allclose(clf.predict_proba(X), expected, rtol=1e-4, atol=1e-6)
+    clf.set_params(target_prior="estimate")
+    proba = clf.predict_proba(X)
+    assert np.all(np.isfinite(proba)) and np.all(proba > 0)
+    assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    assert clone(clf).get_params()["target_prior"] == "estimate"
+
+
+def test_train_target_on_a_logit_adjusted_network_is_the_unadjusted_argmax(nets, digits):
+    """Logit adjustment trains z with CE(z + log pi); "train" predicts argmax z + log pi."""
+    clf = pickle.loads(pickle.dumps(nets[LongTailClassifier])).set_params(target_prior="train")
+    X = digits.X_test
+    with torch.no_grad():
+        z = clf.module_(torch.as_tensor(X))[:, 0].double().numpy()
+    unadjusted = z + np.log(clf.class_counts_ / clf.class_counts_.sum())
+    assert_array_equal(clf.predict(X), clf.classes_[unadjusted.argmax(axis=1)])
+    assert np.mean(clf.predict(X) != nets[LongTailClassifier].predict(X)) > 0.01
+
+
+@pytest.mark.parametrize("prior", [[1, 2], [-1] * 10, [0] * 10, {"x": 1}, "balanced"])
+def test_bad_target_prior_on_a_network_raises_and_keeps_the_fit(nets, digits, prior):
+    clf = pickle.loads(pickle.dumps(nets[LongTailClassifier]))
+    clf.set_params(target_prior=prior)
+    with pytest.raises(ValueError, match="target_prior"):
+        clf.predict(digits.X_test[:5])
+    clf.set_params(target_prior="uniform")
+    assert_array_equal(clf.predict(digits.X_test), nets[LongTailClassifier].predict(digits.X_test))
