@@ -35,10 +35,14 @@ from skorch.utils import to_tensor
 from ltroute._inputs import (
     InferenceDataset,
     TrainingDataset,
+    channel_statistics,
     check_dataset_y,
+    check_normalization,
+    dataset_channel_statistics,
     dataset_labels,
     first_image_shape,
     is_dataset_input,
+    normalize_array,
 )
 from ltroute._validation import (
     build_checked_network,
@@ -53,6 +57,7 @@ from ltroute._validation import (
     with_sample_weight,
     writable,
 )
+from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
 from ltroute.calibration import as_log_proba
 from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
@@ -101,6 +106,8 @@ class LongTailNet(NeuralNetClassifier):
         "random_state": ["random_state"],
         "backbone_weights": [str, os.PathLike, None],
         "target_prior": [StrOptions({"uniform", "train", "estimate"}), "array-like", Mapping],
+        "normalize": [None, StrOptions({"auto"}), tuple, list],
+        "augmentation": [None, StrOptions(set(AUGMENTATIONS)), ImageAugmentation],
     }
 
     def __init__(
@@ -125,6 +132,8 @@ class LongTailNet(NeuralNetClassifier):
         random_state=None,
         backbone_weights=None,
         target_prior="uniform",
+        normalize=None,
+        augmentation=None,
         **kwargs,
     ):
         # NeuralNet.__init__ directly: NeuralNetClassifier's only addition is the
@@ -143,6 +152,8 @@ class LongTailNet(NeuralNetClassifier):
         self.random_state = random_state
         self.backbone_weights = backbone_weights
         self.target_prior = target_prior
+        self.normalize = normalize
+        self.augmentation = augmentation
 
     # ------------------------------------------------------------------ fitting
     @rolls_back_on_error
@@ -195,18 +206,26 @@ class LongTailNet(NeuralNetClassifier):
             y_encoded, classes, input_shape = self._validate_training_dataset(
                 X, y, reset=not continuing)
             sample_weight = check_fit_sample_weight(sample_weight, y_encoded)
-            train_X = TrainingDataset(X, y_encoded, input_shape, sample_weight)
-            X = train_X.without_sample_weight()
         else:
             X, y_encoded, classes = self._validate_training_data(X, y, reset=not continuing)
             sample_weight = check_fit_sample_weight(sample_weight, X)
-            train_X, input_shape = with_sample_weight(X, sample_weight), X.shape[1:]
+            input_shape = X.shape[1:]
         if continuing and not np.array_equal(classes, self.classes_):
             raise ValueError("warm_start=True needs the same classes as the previous fit; "
                              f"got {classes.tolist()} after {self.classes_.tolist()}.")
         self.classes_ = classes
         self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
         self.input_shape_ = tuple(int(s) for s in input_shape)
+        self._check_augmentation()
+        if not continuing:
+            self._fit_normalization(X, y_encoded)
+        if is_dataset_input(X):
+            train_X = TrainingDataset(X, y_encoded, self.input_shape_, sample_weight,
+                                      normalization=self._normalization())
+            X = train_X.without_sample_weight()
+        else:
+            X = self._normalized_array(X)
+            train_X = with_sample_weight(X, sample_weight)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with self._runtime(seed=seed):
             if not continuing:
@@ -273,6 +292,63 @@ class LongTailNet(NeuralNetClassifier):
             self.__dict__.pop("feature_names_in_", None)
         return y_encoded.astype(np.int64), classes, input_shape
 
+    # ------------------------------------------------------- input transforms
+    def _check_augmentation(self) -> None:
+        if self.augmentation is not None and len(self.input_shape_) != 3:
+            raise ValueError(f"{type(self).__name__}: augmentation={self.augmentation!r} "
+                             "needs images (n_samples, C, H, W); the data has samples of "
+                             f"shape {self.input_shape_}.")
+
+    def _fit_normalization(self, X, y_encoded: np.ndarray) -> None:
+        """Set ``normalize_mean_`` and ``normalize_std_`` (per channel, or per feature of
+        2-D data) from ``normalize``: given, computed from the training data (``"auto"``;
+        a constant channel gets a std of 1) or ``None`` (no normalisation)."""
+        self.normalize_mean_ = self.normalize_std_ = None
+        self.__dict__.pop("_augment_fill", None)
+        if self.normalize is None:
+            return
+        n_channels = self.input_shape_[0]
+        if self.normalize == "auto":
+            if is_dataset_input(X):
+                # One pass through the validation loader (its workers), RNG untouched.
+                loader = self.get_iterator(TrainingDataset(X, y_encoded, self.input_shape_),
+                                           training=False)
+                with torch.random.fork_rng(devices=[]):
+                    mean, std = dataset_channel_statistics(batch[0] for batch in loader)
+            else:
+                mean, std = channel_statistics(X)
+        else:
+            mean, std = check_normalization(self.normalize, n_channels,
+                                            type(self).__name__)
+        self.normalize_mean_, self.normalize_std_ = mean, std
+
+    def _normalization(self) -> tuple[np.ndarray, np.ndarray] | None:
+        mean = self.__dict__.get("normalize_mean_")
+        return None if mean is None else (mean, self.normalize_std_)
+
+    def _normalized_array(self, X: np.ndarray) -> np.ndarray:
+        """``X`` normalised with the fitted statistics (a new array; ``X`` without)."""
+        normalization = self._normalization()
+        return X if normalization is None else normalize_array(X, *normalization)
+
+    def _augment_batch(self, X):
+        """``augmentation`` applied to a batch of images on the training device (``X``
+        alone, without ``fit``'s sample weights); padding takes the value of a zero pixel
+        after normalisation, as the recipe pads before normalising."""
+        augmentation = resolve_augmentation(self.augmentation)
+        X = to_tensor(X, device=self.device)
+        if augmentation is None:
+            return X
+        fill = None
+        normalization = self._normalization()
+        if normalization is not None:
+            cache = self.__dict__.setdefault("_augment_fill", {})
+            fill = cache.get(X.device)
+            if fill is None:  # one transfer per fit and device, not one per batch
+                mean, std = normalization
+                fill = cache[X.device] = torch.as_tensor(-mean / std).to(X.device)
+        return augmentation.augment(X, fill=fill)
+
     @staticmethod
     def _check_input_ndim(X) -> int:
         """Number of dimensions of ``X`` (array-like), which must be 2 or 4."""
@@ -291,11 +367,12 @@ class LongTailNet(NeuralNetClassifier):
         check_is_fitted(self, ["module_", "classes_"])
         if is_dataset_input(X):
             first_image_shape(X)  # a clear error for bad items before any batch
-            return InferenceDataset(X, self.input_shape_, type(self).__name__)
+            return InferenceDataset(X, self.input_shape_, type(self).__name__,
+                                    normalization=self._normalization())
         ndim = self._check_input_ndim(X)
         self._check_input_shape(X, ndim)
-        return writable(validate_data(self, X, reset=False, dtype=np.float32,
-                                      allow_nd=ndim == 4))
+        return self._normalized_array(writable(validate_data(
+            self, X, reset=False, dtype=np.float32, allow_nd=ndim == 4)))
 
     def _check_input_shape(self, X, ndim: int) -> None:
         """Images must have the fitted sample shape (features are checked by sklearn)."""
@@ -407,8 +484,14 @@ class LongTailNet(NeuralNetClassifier):
         return self.criterion_(fused.log_probs, y_true)
 
     def infer(self, x, **fit_params):
-        """skorch's ``infer`` on the batch's inputs (without ``fit``'s sample weights)."""
-        return super().infer(split_sample_weight(x)[0], **fit_params)
+        """skorch's ``infer`` on the batch's inputs (without ``fit``'s sample weights);
+        in a training step (network in training mode, gradients on) the ``augmentation``
+        is applied first, on the training device."""
+        x = split_sample_weight(x)[0]
+        if (self.augmentation is not None and self.module_.training
+                and torch.is_grad_enabled()):
+            x = self._augment_batch(x)
+        return super().infer(x, **fit_params)
 
     def evaluation_step(self, batch, training=False):
         """Return ``(probs, energy, weights)`` of the fused experts for one batch."""

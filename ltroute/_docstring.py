@@ -131,6 +131,23 @@ _training_parameters = """module : type, default=ExpertNet
         without refitting. For ``loss="ce"`` / ``"focal"`` without DRW the network
         learns the training prior instead, so ``"train"`` is then closer to no change.
 
+    normalize : {"auto"}, (mean, std) or None, default=None
+        Per-channel normalisation ``(x - mean) / std`` of the inputs (per feature for
+        2-D ``X``), in ``fit`` and at prediction. ``"auto"``: the mean and (population)
+        standard deviation of the training data, computed in ``fit`` (one pass through
+        a Dataset); ``(mean, std)``: given values, scalars or one per channel (e.g.
+        CIFAR's). ``None`` feeds the inputs as they are. Stored as ``normalize_mean_``
+        and ``normalize_std_``.
+
+    augmentation : {"cifar", "cifar_rotate"}, ImageAugmentation or None, default=None
+        Random augmentation of every training batch, on the training device (images
+        only; prediction is never augmented). ``"cifar"``: the LDAM-DRW/RIDE CIFAR
+        recipe, zero-padding by 4 pixels, a random crop back to size and a random
+        horizontal flip; ``"cifar_rotate"`` adds RIDE's optional random rotation of up to
+        15 degrees; an :class:`~ltroute.augmentation.ImageAugmentation` for other
+        settings. Padding takes the value of a zero pixel before normalisation, as in
+        the recipe. Reproducible with ``random_state``.
+
     **kwargs
         Any other skorch parameter (``iterator_train__*``, ``optimizer__*``,
         ``module__*``, ``warm_start``, ...)."""
@@ -146,6 +163,9 @@ _fitted_attributes = """classes_ : ndarray of shape (n_classes,)
 
     input_shape_ : tuple of int
         Shape of one training sample, checked again at prediction.
+
+    normalize_mean_, normalize_std_ : ndarray of shape (n_channels,) or None
+        The normalisation applied to the inputs (``normalize``); ``None`` without.
 
     module_ : ExpertNet
         The trained network.

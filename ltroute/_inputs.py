@@ -15,7 +15,11 @@ turns such a dataset into what skorch iterates, plus the facts the estimator nee
 - :class:`TrainingDataset`: the items as ``(float32 image, encoded label)`` (with
   ``fit``'s sample weights when given), checked one by one as they are loaded;
 - :class:`InferenceDataset`: the images of a dataset for the predict-like methods,
-  checked against the fitted sample shape and streamed batch by batch.
+  checked against the fitted sample shape and streamed batch by batch;
+- :func:`channel_statistics`, :func:`dataset_channel_statistics`,
+  :func:`check_normalization` and :func:`normalize_array`: the per-channel
+  normalisation of the estimators' ``normalize`` parameter (applied by the two dataset
+  wrappers to each item, and to whole arrays).
 
 The wrappers are small picklable objects, so skorch's iterator parameters
 (``iterator_train__num_workers``, ``pin_memory``, ``persistent_workers``, ...) load
@@ -24,7 +28,7 @@ them in worker processes as they would any dataset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,10 +41,14 @@ from ltroute._validation import SAMPLE_WEIGHT_KEY
 __all__ = [
     "InferenceDataset",
     "TrainingDataset",
+    "channel_statistics",
     "check_dataset_y",
+    "check_normalization",
+    "dataset_channel_statistics",
     "dataset_labels",
     "first_image_shape",
     "is_dataset_input",
+    "normalize_array",
 ]
 
 _X_KEY = "X"
@@ -245,6 +253,81 @@ def first_image_shape(dataset: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in _as_image(image, 0).shape)
 
 
+# ------------------------------------------------------------------ normalisation
+def _finish_statistics(mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    std = np.sqrt(np.maximum(var, 0.0))
+    std[std == 0] = 1.0  # a constant channel is centred, not divided by zero
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def channel_statistics(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) standard deviation of images (N, C, H, W), or
+    per-feature ones of a matrix (N, F), accumulated in float64; a constant channel gets
+    a standard deviation of 1."""
+    axes = (0, 2, 3) if X.ndim == 4 else (0,)
+    mean = X.mean(axis=axes, dtype=np.float64)
+    var = X.var(axis=axes, dtype=np.float64)
+    return _finish_statistics(mean, var)
+
+
+def dataset_channel_statistics(batches: Iterable[torch.Tensor]
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`channel_statistics` over batches (N, C, H, W) or (N, F) of a dataset, in
+    one pass (float64 sums of the values and of their squares after centring on the
+    first batch's mean, which keeps the difference of squares accurate)."""
+    count, shift, total, squares = 0, None, None, None
+    for batch in batches:
+        values = torch.as_tensor(batch).detach().to("cpu", torch.float64)
+        values = values.transpose(0, 1).reshape(values.shape[1], -1)  # (C, everything)
+        if shift is None:
+            shift = values.mean(dim=1, keepdim=True)
+            total = torch.zeros(values.shape[0], dtype=torch.float64)
+            squares = torch.zeros_like(total)
+        centred = values - shift
+        total += centred.sum(dim=1)
+        squares += centred.square().sum(dim=1)
+        count += values.shape[1]
+    if count == 0:
+        raise ValueError("The dataset is empty: no statistics to normalise with.")
+    mean = total / count
+    var = squares / count - mean.square()
+    return _finish_statistics((mean + shift[:, 0]).numpy(), var.numpy())
+
+
+def check_normalization(normalize: Any, n_channels: int, estimator_name: str
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """A given ``normalize=(mean, std)`` as float32 arrays of shape (n_channels,) (a
+    scalar applies to every channel); a ``ValueError`` unless finite with std > 0."""
+    try:
+        mean, std = normalize
+        values = [np.broadcast_to(np.asarray(v, dtype=np.float64), (n_channels,))
+                  for v in (mean, std)]
+    except (TypeError, ValueError):
+        raise ValueError(f"{estimator_name}: normalize must be None, 'auto' or a pair "
+                         f"(mean, std) of scalars or sequences of {n_channels} values (one "
+                         f"per channel); got {normalize!r}.") from None
+    mean, std = values
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"{estimator_name}: normalize=(mean, std) needs finite values and "
+                         f"std > 0; got {normalize!r}.")
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def normalize_array(X: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(X - mean) / std`` per channel of images (N, C, H, W) or feature of (N, F)."""
+    shape = (1, -1, 1, 1) if X.ndim == 4 else (1, -1)
+    return ((X - mean.reshape(shape)) / std.reshape(shape)).astype(np.float32, copy=False)
+
+
+def _normalizer(normalization: tuple[np.ndarray, np.ndarray] | None, ndim: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if normalization is None:
+        return None
+    shape = (-1, 1, 1) if ndim == 3 else (-1,)
+    return tuple(torch.as_tensor(v, dtype=torch.float32).reshape(shape)
+                 for v in normalization)
+
+
 class TrainingDataset(Dataset):
     """``(float32 image, encoded label)`` items of a user's dataset, for ``fit``.
 
@@ -258,14 +341,19 @@ class TrainingDataset(Dataset):
         The shape every image must have.
     sample_weight : ndarray of shape (n_items,) or None
         ``fit``'s weights, carried beside the image as skorch carries them for arrays.
+    normalization : (mean, std) or None
+        Per-channel statistics each image is normalised with.
     """
 
     def __init__(self, dataset: Any, targets: np.ndarray, input_shape: tuple[int, ...],
-                 sample_weight: np.ndarray | None = None) -> None:
+                 sample_weight: np.ndarray | None = None,
+                 normalization: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.dataset = dataset
         self.targets = np.asarray(targets, dtype=np.int64)
         self.input_shape = tuple(input_shape)
         self.sample_weight = sample_weight
+        self.normalization = normalization
+        self._normalizer = _normalizer(normalization, len(self.input_shape))
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -273,6 +361,9 @@ class TrainingDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, np.int64]:
         image = _as_image(_split_item(_item(self.dataset, index), index)[0], index,
                           self.input_shape)
+        if self._normalizer is not None:
+            mean, std = self._normalizer
+            image = (image - mean) / std
         if self.sample_weight is None:
             return image, self.targets[index]
         return ({_X_KEY: image, SAMPLE_WEIGHT_KEY: self.sample_weight[index]},
@@ -280,7 +371,8 @@ class TrainingDataset(Dataset):
 
     def without_sample_weight(self) -> TrainingDataset:
         """The same items without ``fit``'s weights."""
-        return TrainingDataset(self.dataset, self.targets, self.input_shape)
+        return TrainingDataset(self.dataset, self.targets, self.input_shape,
+                               normalization=self.normalization)
 
 
 class InferenceDataset(Dataset):
@@ -295,12 +387,16 @@ class InferenceDataset(Dataset):
         The fitted sample shape every image must have.
     estimator_name : str
         Named in the error for images of another shape.
+    normalization : (mean, std) or None
+        Per-channel statistics each image is normalised with.
     """
 
-    def __init__(self, dataset: Any, input_shape: tuple[int, ...], estimator_name: str) -> None:
+    def __init__(self, dataset: Any, input_shape: tuple[int, ...], estimator_name: str,
+                 normalization: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.dataset = dataset
         self.input_shape = tuple(input_shape)
         self.estimator_name = estimator_name
+        self._normalizer = _normalizer(normalization, len(self.input_shape))
 
     def __len__(self) -> int:
         return _n_items(self.dataset)
@@ -311,4 +407,7 @@ class InferenceDataset(Dataset):
             raise ValueError(f"Item {index} of the dataset has shape {tuple(image.shape)}, but "
                              f"{self.estimator_name} was fitted on samples of shape "
                              f"{self.input_shape}.")
+        if self._normalizer is not None:
+            mean, std = self._normalizer
+            image = (image - mean) / std
         return image, 0

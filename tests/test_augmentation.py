@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 from ltroute import LongTailClassifier
-from ltroute.augmentation import ImageAugmentation
+from ltroute.augmentation import ImageAugmentation, resolve_augmentation
 
 
 def batch(n=6, c=2, h=5, w=7):
@@ -64,3 +64,55 @@ def test_augmented_fit_is_reproducible_and_predict_is_not_augmented(mnist):
     np.testing.assert_array_equal(a.predict_proba(X), a.predict_proba(X))
     plain = LongTailClassifier(max_epochs=1, random_state=0).fit(X, y)
     assert not np.array_equal(a.predict_proba(X), plain.predict_proba(X))
+
+
+# --------------------------------------------------- the estimators' parameter
+def test_fill_pads_with_the_given_value_per_channel():
+    X = torch.zeros(30, 2, 5, 5)
+    fill = torch.tensor([0.7, -1.5])
+    torch.manual_seed(0)
+    out = ImageAugmentation(crop_padding=2, flip=True, rotation=20).augment(X, fill=fill)
+    # Zero images padded and rotated in ``fill``: crop padding shows exactly ``fill``.
+    assert torch.isclose(out, fill.view(1, 2, 1, 1).expand_as(out)).any()
+    torch.manual_seed(0)
+    shifted = ImageAugmentation(crop_padding=2, flip=True, rotation=20).augment(X - fill.view(
+        1, 2, 1, 1)) + fill.view(1, 2, 1, 1)
+    assert_close(out, shifted)
+
+
+def test_resolve_augmentation_names_the_recipes():
+    assert resolve_augmentation(None) is None
+    cifar = resolve_augmentation("cifar")
+    assert (cifar.crop_padding, cifar.flip, cifar.rotation) == (4, True, 0.0)
+    assert resolve_augmentation("cifar_rotate").rotation == 15.0
+    custom = ImageAugmentation(crop_padding=1)
+    assert resolve_augmentation(custom) is custom
+    with pytest.raises(ValueError, match="augmentation must be"):
+        resolve_augmentation("mixup")
+
+
+def test_augmentation_parameter_is_reproducible_and_only_trains(mnist):
+    idx = np.flatnonzero(np.isin(mnist.y_train, [0, 1]))[::8]
+    X, y = mnist.X_train[idx], mnist.y_train[idx]
+    params = {"max_epochs": 1, "augmentation": "cifar_rotate"}
+    a = LongTailClassifier(**params, random_state=0).fit(X, y)
+    b = LongTailClassifier(**params, random_state=0).fit(X, y)
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    np.testing.assert_array_equal(a.predict_proba(X), a.predict_proba(X))  # not augmented
+    other_seed = LongTailClassifier(**params, random_state=1).fit(X, y)
+    assert not np.array_equal(a.predict_proba(X), other_seed.predict_proba(X))
+    plain = LongTailClassifier(max_epochs=1, random_state=0).fit(X, y)
+    assert not np.array_equal(a.predict_proba(X), plain.predict_proba(X))
+    # The parameter and the collate_fn draw the same crops, flips and angles.
+    collated = LongTailClassifier(max_epochs=1, random_state=0,
+                                  iterator_train__collate_fn=ImageAugmentation(rotation=15))
+    np.testing.assert_allclose(collated.fit(X, y).predict_proba(X), a.predict_proba(X),
+                               atol=1e-5)
+
+
+def test_augmentation_needs_images():
+    X, y = np.random.RandomState(0).rand(20, 4), np.arange(20) % 2
+    with pytest.raises(ValueError, match="needs images"):
+        LongTailClassifier(max_epochs=1, augmentation="cifar").fit(X, y)
+    with pytest.raises(ValueError, match="augmentation"):
+        LongTailClassifier(max_epochs=1, augmentation="mixup").fit(X, y)

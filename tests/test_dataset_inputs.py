@@ -216,3 +216,54 @@ def test_score_needs_y_for_arrays(folder):
     clf = small(max_epochs=1).fit(folder)
     with pytest.raises(ValueError, match="needs y"):
         clf.score(X)
+
+
+# ----------------------------------------------------------------- normalisation
+def test_auto_normalisation_statistics_match_a_hand_computation(folder):
+    X, y = as_arrays(folder)
+    by_hand = [(np.mean(X[:, c].astype(np.float64)), np.sqrt(np.mean(
+        (X[:, c].astype(np.float64) - np.mean(X[:, c].astype(np.float64))) ** 2)))
+        for c in range(3)]
+    mean, std = np.array(by_hand).T
+    for data in ((X, y), (folder,)):
+        clf = small(max_epochs=0, normalize="auto").fit(*data)
+        np.testing.assert_allclose(clf.normalize_mean_, mean, rtol=1e-6)
+        np.testing.assert_allclose(clf.normalize_std_, std, rtol=1e-6)
+    features = np.c_[X.reshape(len(X), -1)[:, :5], np.full(len(X), 7.0)]  # last: constant
+    clf = small(max_epochs=0, normalize="auto").fit(features, y)
+    np.testing.assert_allclose(clf.normalize_mean_, features.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(clf.normalize_std_[:5], features[:, :5].std(axis=0), rtol=1e-5)
+    assert clf.normalize_std_[5] == 1.0  # a constant feature is centred only
+    assert small(max_epochs=0).fit(X, y).normalize_mean_ is None
+
+
+@pytest.mark.parametrize("with_dataset", [False, True])
+def test_normalisation_is_applied_in_fit_and_predict(folder, with_dataset):
+    X, y = as_arrays(folder)
+    mean, std = np.array([0.2, 0.4, 0.6]), np.array([0.5, 0.25, 2.0])
+    normalised = ((X - mean[None, :, None, None]) / std[None, :, None, None]).astype(np.float32)
+    clf = small(normalize=(mean, std)).fit(*((folder,) if with_dataset else (X, y)))
+    by_hand = small().fit(normalised, y)
+    assert_close(clf.predict_proba(folder if with_dataset else X),
+                 by_hand.predict_proba(normalised))
+    assert_close(clf.predict_proba(X), by_hand.predict_proba(normalised))
+
+
+def test_normalised_augmented_dataset_fit_matches_the_array_fit(folder):
+    X, y = as_arrays(folder)
+    params = {"normalize": "auto", "augmentation": "cifar_rotate"}
+    from_dataset = small(**params).fit(folder)
+    from_arrays = small(**params).fit(X, y)
+    assert_close(from_dataset.predict_proba(folder), from_arrays.predict_proba(X),
+                 rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize, match", [
+    (([0.1, 0.2], [1, 1, 1]), "sequences of 3 values"),
+    ((0.5, 0.0), "std > 0"),
+    ((np.nan, 1.0), "finite"),
+    ("none", "normalize"),
+])
+def test_bad_normalisation(folder, normalize, match):
+    with pytest.raises(ValueError, match=match):
+        small(max_epochs=0, normalize=normalize).fit(folder)
