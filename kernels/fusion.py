@@ -89,6 +89,21 @@ def _load_logits(z_row_ptr, stride_zk, stride_zc, offs_k, offs_c, mask):
 
 
 @triton.jit
+def _max_nan_combine(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(x, axis: tl.constexpr):
+    """``max`` along ``axis`` that returns ``NaN`` if the slice holds one (as ``amax``).
+
+    ``tl.max`` (``fmax``) skips ``NaN``; the log-sum-exp shift must not, so that a ``NaN``
+    logit gives a ``NaN`` energy and ``+inf`` (without ``NaN``) an exact ``+inf``.
+    """
+    return tl.reduce(x, axis, _max_nan_combine)
+
+
+@triton.jit
 def _safe_max(m):
     """The running max with ``-inf`` (nothing seen) replaced by 0, as the shift to use."""
     return tl.where(m == float("-inf"), 0.0, m)
@@ -97,7 +112,7 @@ def _safe_max(m):
 @triton.jit
 def _rows_max_sum(x):
     """Shift ``m`` (safe row max) and ``d = sum exp(x - m)`` along axis 1 (``-inf`` masked)."""
-    m = _safe_max(tl.max(x, axis=1))
+    m = _safe_max(_max_nan(x, 1))
     d = tl.sum(tl.exp(x - m[:, None]), axis=1)
     return m, d
 
@@ -105,7 +120,7 @@ def _rows_max_sum(x):
 @triton.jit
 def _online_max_sum(m, d, x):
     """One tile of the online log-sum-exp: running max ``m`` and rescaled sum ``d``."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_new = tl.maximum(m, _max_nan(x, 1), propagate_nan=tl.PropagateNan.ALL)
     shift = _safe_max(m_new)
     d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
     return m_new, d
@@ -113,8 +128,24 @@ def _online_max_sum(m, d, x):
 
 @triton.jit
 def _lse(m, d):
-    """``log(d) + m``; ``-inf`` for an empty sum."""
-    return tl.where(d > 0, tl.log(tl.where(d > 0, d, 1.0)) + m, float("-inf"))
+    """``log(d) + m``; ``-inf`` for an empty sum; ``m`` itself when it is ``+inf``/``NaN``.
+
+    ``m`` is the shift from :func:`_max_nan`: ``NaN`` if the slice holds a ``NaN``, else
+    ``+inf`` if it holds ``+inf`` (``d`` is ``NaN`` then, from ``inf - inf``).
+    """
+    lse = tl.where(d > 0, tl.log(tl.where(d > 0, d, 1.0)) + m, float("-inf"))
+    return tl.where(m < float("inf"), lse, m)
+
+
+@triton.jit
+def _poisoned(lse_1, active):
+    """Whether an active expert's region holds a ``NaN`` or ``+inf`` logit (one row).
+
+    The row's ``P`` and ``log P`` are then ``NaN``, as in the reference: a ``NaN`` must
+    never turn into a plausible probability (``P = 0`` of an uncovered class included).
+    """
+    bad = active & ~(lse_1 < float("inf"))
+    return tl.max(bad.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
@@ -177,7 +208,10 @@ def _logit_log_probs(z, contrib, w, m_s, log_d_s, c_in):
 
 
 @triton.jit
-def _store_probs(probs_ptrs, log_probs_ptrs, log_p, mask, STORE_LOG_PROBS: tl.constexpr):
+def _store_probs(probs_ptrs, log_probs_ptrs, log_p, mask, poisoned,
+                 STORE_LOG_PROBS: tl.constexpr):
+    """Store ``P = exp(log P)`` (and ``log P``); ``NaN`` for a poisoned row."""
+    log_p = tl.where(poisoned, float("nan"), log_p)
     tl.store(probs_ptrs, tl.exp(log_p), mask=mask)
     if STORE_LOG_PROBS:
         tl.store(log_probs_ptrs, log_p, mask=mask)
@@ -328,6 +362,7 @@ def _fusion_fwd_kernel(
             m_1, d_1 = m_t, d_t
     lse_t = _lse(m_t, d_t)
     lse_1 = _lse(m_1, d_1)
+    poisoned = _poisoned(lse_1, active)
 
     # 2. Energies and routing weights (K values).
     energy = -energy_temperature * lse_t
@@ -359,7 +394,8 @@ def _fusion_fwd_kernel(
             if SAVE_STATS:
                 tl.store(class_stats_ptr + 2 * row, m_s)
                 tl.store(class_stats_ptr + 2 * row + 1, d_s)
-        _store_probs(probs_row + offs_c, log_probs_row + offs_c, log_p, c_in, STORE_LOG_PROBS)
+        _store_probs(probs_row + offs_c, log_probs_row + offs_c, log_p, c_in, poisoned,
+                     STORE_LOG_PROBS)
     else:
         if PROB_COMBINE:
             for c0 in range(0, n_classes, BLOCK_C):
@@ -370,7 +406,7 @@ def _fusion_fwd_kernel(
                 z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib)
                 log_p, terms = _mixture_log_probs(z, contrib, log_w, lse_1)
                 _store_probs(probs_row + offs_c, log_probs_row + offs_c, log_p, c_in,
-                             STORE_LOG_PROBS)
+                             poisoned, STORE_LOG_PROBS)
         else:
             # Stage s = sum_k W_k M_k Z_k in the probs buffer while reducing its lse ...
             m_s = float("-inf")
@@ -398,7 +434,7 @@ def _fusion_fwd_kernel(
                 c_in = offs_c < n_classes
                 s = tl.load(probs_row + offs_c, mask=c_in, other=float("-inf"))
                 _store_probs(probs_row + offs_c, log_probs_row + offs_c, (s - m_s) - log_d_s,
-                             c_in, STORE_LOG_PROBS)
+                             c_in, poisoned, STORE_LOG_PROBS)
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,17 +60,23 @@ def _masked_logsumexp(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Te
     """``log(sum(exp(x) * mask))`` along ``dim``: ``-inf`` (with zero gradient) when empty.
 
     The double ``where`` keeps gradients finite for fully masked slices, where
-    ``torch.logsumexp`` of an all ``-inf`` slice would back-propagate NaN.
+    ``torch.logsumexp`` of an all ``-inf`` slice would back-propagate NaN. A ``NaN`` in the
+    slice gives ``NaN`` and a ``+inf`` (without ``NaN``) gives ``+inf``, as the exact value.
     """
     filled = x.masked_fill(~mask, float("-inf"))
     row_max = filled.amax(dim=dim, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     total = (torch.exp(filled - row_max)).sum(dim=dim, keepdim=True)
-    has_mass = total > 0
-    safe_total = torch.where(has_mass, total, torch.ones_like(total))
-    empty = torch.full_like(total, -torch.inf)
-    out = torch.where(has_mass, torch.log(safe_total) + row_max, empty)
+    empty = total == 0  # NaN and +inf totals are not empty: they propagate
+    safe_total = torch.where(empty, torch.ones_like(total), total)
+    out = torch.where(empty, torch.full_like(total, -torch.inf), torch.log(safe_total) + row_max)
     return out.squeeze(dim)
+
+
+def _poisoned_rows(z: torch.Tensor, contributes: torch.Tensor) -> torch.Tensor:
+    """(B, 1) bool: the row has a ``NaN`` or ``+inf`` logit where an active expert covers."""
+    bad = torch.isnan(z) | (z == torch.inf)
+    return (bad & contributes).flatten(1).any(dim=1, keepdim=True)
 
 
 def fuse_experts_reference(
@@ -114,15 +120,18 @@ def fuse_experts_reference(
         weights = active.to(compute_dtype) / active.sum(dim=1, keepdim=True).to(compute_dtype)
         log_weights = torch.log(weights)
 
+    contributes = region_b & active.unsqueeze(2)
     if combine == "prob":
         # log p_k restricted to S_k (temperature 1), then log-space mixture over experts.
         expert_lse = _masked_logsumexp(z, region_b, dim=2)
         log_pk = z - expert_lse.unsqueeze(2)
-        contributes = region_b & active.unsqueeze(2)
         log_probs = _masked_logsumexp(log_weights.unsqueeze(2) + log_pk, contributes, dim=1)
     else:
-        combined = (weights.unsqueeze(2) * z.masked_fill(~region_b, 0.0)).sum(dim=1)
+        # Inactive experts have weight 0; masking them keeps 0 * inf out of the sum.
+        combined = (weights.unsqueeze(2) * z.masked_fill(~contributes, 0.0)).sum(dim=1)
         log_probs = torch.log_softmax(combined, dim=1)
+    # NaN / +inf where an active expert covers: the whole row is NaN, never a probability.
+    log_probs = log_probs.masked_fill(_poisoned_rows(z, contributes), float("nan"))
     probs = torch.exp(log_probs)
     return FusionResult(probs, energy, weights, log_probs if return_log_probs else None)
 

@@ -143,6 +143,54 @@ def test_extreme_logits_stay_finite():
     assert out.weights[0, 1] == 0
 
 
+def nonfinite_case():
+    """Rows 0-5 of logits with one non-finite entry each (row 6 clean) and their masks.
+
+    Expert 2 is inactive in every row and class 4 lies outside expert 0's region, so a
+    NaN/+inf there touches no probability.
+    """
+    g = torch.Generator().manual_seed(21)
+    Z = torch.randn(7, 3, 5, generator=g)
+    region = torch.ones(3, 5, dtype=torch.bool)
+    region[0, 4] = False
+    active = torch.tensor([[True, True, False]] * 7)
+    Z[0, 1, 2] = torch.inf  # active expert, in region: row poisoned, energy -inf
+    Z[1, 0, 1] = torch.nan  # active expert, in region: row poisoned, energy NaN
+    Z[2, 0, 3] = torch.nan
+    Z[2, 0, 0] = torch.inf  # NaN and +inf together: energy NaN
+    Z[3, 2, 0] = torch.nan  # inactive expert: its energy only
+    Z[4, 0, 4] = torch.nan  # outside expert 0's region: nothing
+    Z[5, 1, 3] = -torch.inf  # -inf is an impossible class, not an error
+    return Z, region, active
+
+
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+def test_nan_and_inf_logits_never_become_probabilities(weighting, combine):
+    Z, region, active = nonfinite_case()
+    out = fuse_experts(Z, region_mask=region, sample_mask=active, weighting=weighting,
+                       combine=combine, return_log_probs=True)
+    poisoned = torch.tensor([True, True, True, False, False, False, False])
+    assert torch.isnan(out.probs[poisoned]).all() and torch.isnan(out.log_probs[poisoned]).all()
+    assert torch.isfinite(out.probs[~poisoned]).all()
+    assert_close(out.probs[~poisoned].sum(1), torch.ones(4))
+    assert out.energy[0, 1] == -torch.inf and torch.isnan(out.energy[1, 0])
+    assert torch.isnan(out.energy[2, 0]) and torch.isnan(out.energy[3, 2])
+    finite = torch.ones_like(out.energy, dtype=torch.bool)
+    finite[0, 1] = finite[1, 0] = finite[2, 0] = finite[3, 2] = False
+    assert torch.isfinite(out.energy[finite]).all()
+    if weighting == "energy":  # the weights of a poisoned row are NaN where active
+        assert torch.isnan(out.weights[:3][active[:3]]).all()
+    assert torch.isfinite(out.weights[3:]).all()
+    assert torch.all(out.weights[~active] == 0)
+    # Clean rows are what they would be with the bad entries replaced by anything finite.
+    clean = Z.clone()
+    clean[3, 2, 0] = clean[4, 0, 4] = 123.0
+    ref = fuse_experts(clean, region_mask=region, sample_mask=active, weighting=weighting,
+                       combine=combine)
+    assert_close(out.probs[3:5], ref.probs[3:5])
+
+
 def test_gradients_match_naive_autograd_and_stay_finite_with_uncovered_classes():
     g = torch.Generator().manual_seed(3)
     Z = torch.randn(4, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)

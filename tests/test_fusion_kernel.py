@@ -262,6 +262,51 @@ def test_uncovered_classes(combine, block, block_c):
 
 
 @interpreter_test
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+@pytest.mark.parametrize("block", [None, 2])
+@pytest.mark.parametrize("T", [1.0, 1.5])
+def test_nan_and_inf_logits_match_reference(weighting, combine, block, T, block_c):
+    """NaN / +inf logits: same NaN pattern and values as the reference, clean rows intact.
+
+    A NaN or +inf where an active expert covers makes the row's ``P`` and ``log P`` NaN
+    (never a plausible probability); energies are exact (``-inf`` for ``+inf``, NaN for
+    NaN); entries outside every active region change nothing. Gradients match in the rows
+    whose region logits are finite (a row with a NaN energy, even of an inactive expert,
+    has an unspecified gradient, and so has a ``-inf`` logit under ``combine="logit"``).
+    """
+    block_c(block)
+    g = torch.Generator().manual_seed(29)
+    Z = torch.randn(7, 3, 5, generator=g)
+    region = torch.ones(3, 5, dtype=torch.bool)
+    region[0, 4] = False
+    sample = torch.tensor([[True, True, False]] * 7)
+    Z[0, 1, 2] = torch.inf
+    Z[1, 0, 1] = torch.nan
+    Z[2, 0, 3] = torch.nan
+    Z[2, 0, 0] = torch.inf
+    Z[3, 2, 0] = torch.nan  # inactive expert
+    Z[4, 0, 4] = torch.inf  # outside expert 0's region
+    Z[5, 1, 3] = -torch.inf
+    kwargs = dict(region_mask=region, sample_mask=sample, weighting=weighting,
+                  combine=combine, energy_temperature=T, return_log_probs=True)
+    z_ref = Z.clone().requires_grad_()
+    z_tri = Z.clone().requires_grad_()
+    ref = fuse_experts(z_ref, backend="torch", **kwargs)
+    tri = fuse_experts(z_tri, backend="triton", **kwargs)
+    for name in ("probs", "energy", "weights", "log_probs"):
+        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
+        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
+    assert torch.isnan(tri.probs[:3]).all() and torch.isfinite(tri.probs[3:]).all()
+    clean = [4, 6]
+    upstream = torch.randn(7, 5, generator=g)
+    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
+    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
+    ok = torch.isfinite(Z)
+    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+
+
+@interpreter_test
 def test_expanded_upstream_gradients_and_no_grad_path():
     """``.sum()`` hands the backward a stride-0 gradient; no-grad runs skip the save."""
     Z, region, sample = make_case(3, 3, 8, seed=17)
