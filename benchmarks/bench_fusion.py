@@ -1,7 +1,9 @@
 """Speed of ``fuse_experts``: Triton kernel vs eager and ``torch.compile``-d PyTorch reference.
 
-For each ``B x K x C`` (up to 65536 x 8 x 8192) and dtype, times the forward pass and the
-forward + backward pass of
+For each ``B x K x C`` (up to 65536 x 8 x 1000; ``--quick``: ltroute's four typical shapes)
+and dtype, first checks every implementation against a float64 reference on the first rows
+(``--quick`` and the default grid alike; the script exits with status 1 on a mismatch,
+before anything is timed), then times the forward pass and the forward + backward pass of
 
 * ``kernel``: ``fuse_experts(..., backend="triton")`` (CUDA only),
 * ``eager``: the PyTorch reference ``fuse_experts_reference``,
@@ -9,9 +11,11 @@ forward + backward pass of
 
 with ``triton.testing.do_bench`` (median, L2 flushed between runs; inputs rotated among
 copies when they would fit in cache), and reports the kernel's effective bandwidth --
-bytes that must be read and written once (``Z`` and the upstream gradient in, ``P``,
-``log P``, ``E``, ``W`` or ``dZ`` out) divided by the time -- against the device-to-device
-copy bandwidth measured here (``dst.copy_(src)`` of 1 GiB).
+bytes that must be read and written once (the logits of ``Z`` inside the region mask --
+the kernel's masked loads skip the others -- and the upstream gradient in; ``P``,
+``log P``, ``E``, ``W`` or the whole ``dZ`` out) divided by the time -- against the
+device-to-device copy bandwidth measured here (``dst.copy_(src)`` of 1 GiB). Inputs larger
+than 4 GiB are refused unless ``--allow-large``.
 
 Without CUDA the script still runs, on small sizes and the reference only (eager and
 compiled, timed with a wall clock), labelled CPU: a smoke test of the script, not a kernel
@@ -24,6 +28,7 @@ the ``fusion`` section of ``benchmarks/RESULTS.md``.
 Usage::
 
     python benchmarks/bench_fusion.py                      # default grid (GPU) or CPU smoke
+    python benchmarks/bench_fusion.py --quick              # <= 3 minutes on one GPU
     python benchmarks/bench_fusion.py --dtype bf16 --combine logit --out fusion_bf16.md
     python benchmarks/bench_fusion.py --sizes 65536x8x8192 --no-compile
 """
@@ -40,15 +45,29 @@ from pathlib import Path
 
 import torch
 
+import ltroute.fusion as _fusion
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import provenance_header, write_fragment  # noqa: E402
 
 from ltroute.fusion import fuse_experts, fuse_experts_reference  # noqa: E402
 
-GPU_SIZES = [(4096, 3, 100), (16384, 3, 1000), (65536, 3, 1000), (65536, 8, 100),
-             (65536, 8, 1000), (8192, 8, 8192), (65536, 8, 8192)]
+GPU_SIZES = [(65536, 3, 10), (8192, 3, 100), (4096, 3, 100), (16384, 3, 1000),
+             (65536, 3, 1000), (65536, 8, 100), (4096, 8, 1000), (65536, 8, 1000),
+             (256, 4, 32000), (8192, 8, 8192)]
+QUICK_SIZES = [(65536, 3, 10), (8192, 3, 100), (4096, 8, 1000), (256, 4, 32000)]
 CPU_SIZES = [(256, 3, 100), (1024, 3, 1000), (4096, 8, 100)]
+CPU_QUICK_SIZES = [(256, 3, 10), (64, 8, 100)]
+MAX_Z_BYTES = 4 * 2**30
+GATE_ROWS = 256  # rows checked against the float64 reference before timing
+# Outputs are float32 (compiled kernels use fast exp/log); dZ is rounded to Z's dtype.
+GATE_RTOL = 1e-4
+GATE_GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+class CorrectnessError(RuntimeError):
+    """An implementation disagrees with the float64 reference: nothing is timed."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ROTATE_BYTES = 256 * 2**20  # rotate copies of inputs smaller than this
 COPY_BYTES = 2**30
@@ -113,13 +132,57 @@ def make_inputs(B, K, C, dtype, device, copies, masks):
     return Zs, region, grad
 
 
-def io_bytes(B, K, C, dtype, *, backward: bool, log_probs: bool) -> int:
-    """Bytes the op must move at least once (the roofline numerator)."""
+def io_bytes(B, K, C, dtype, *, backward: bool, log_probs: bool,
+             region: torch.Tensor | None = None) -> int:
+    """Bytes the op must move at least once (the roofline numerator).
+
+    Only the logits inside ``region`` (K, C) are read: the kernel's masked loads skip the
+    rest. ``dZ`` is written whole (zeros outside the regions).
+    """
     elt = torch.finfo(dtype).bits // 8
-    fwd = B * K * C * elt + B * C * 4 * (2 if log_probs else 1) + 2 * B * K * 4
+    read_z = B * (K * C if region is None else int(region.sum())) * elt
+    fwd = read_z + B * C * 4 * (2 if log_probs else 1) + 2 * B * K * 4
     if not backward:
         return fwd
     return fwd + B * C * 4 + B * K * C * elt  # read the upstream gradient, write dZ
+
+
+def gate(implementations: dict, Z: torch.Tensor, kwargs: dict) -> list[str]:
+    """Mismatches of each implementation against the float64 reference on ``Z``.
+
+    Forward outputs and ``dL/dZ`` for the upstream gradient ``dL/dP = 1`` are compared with
+    a tolerance relative to the largest magnitude (``GATE_RTOL``; ``GATE_GRAD_RTOL`` for
+    ``dZ``, which is rounded to ``Z``'s dtype).
+    """
+    z64 = Z.detach().double().requires_grad_()
+    expected = _fusion.fuse_experts_reference(z64, **kwargs)
+    (grad64,) = torch.autograd.grad(expected.probs.sum(), z64)
+    problems = []
+    for name, impl in implementations.items():
+        z = Z.detach().clone().requires_grad_()
+        try:
+            out = impl(z)
+            (grad,) = torch.autograd.grad(out.probs.sum(), z)
+        except Exception as exc:  # noqa: BLE001 - a crash is a failed gate too
+            problems.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        pairs = [(field, getattr(out, field), getattr(expected, field))
+                 for field in ("probs", "energy", "weights", "log_probs")]
+        pairs.append(("dZ", grad, grad64))
+        for field, actual, ref in pairs:
+            if ref is None:
+                continue
+            rtol = GATE_GRAD_RTOL[Z.dtype] if field == "dZ" else GATE_RTOL
+            actual = actual.detach().double()
+            ref = ref.detach()
+            finite = torch.isfinite(ref)
+            scale = max(1.0, float(ref[finite].abs().max()) if finite.any() else 1.0)
+            same_inf = torch.equal(torch.isfinite(actual), finite)
+            err = float((actual[finite] - ref[finite]).abs().max()) if finite.any() else 0.0
+            if not same_inf or not err <= rtol * scale:
+                problems.append(f"{name}: {field} differs from the float64 reference by "
+                                f"{err:.3g} (allowed {rtol * scale:.3g})")
+    return problems
 
 
 def bench_row(B, K, C, dtype, device, options, providers, log):
@@ -137,6 +200,10 @@ def bench_row(B, K, C, dtype, device, options, providers, log):
         torch._dynamo.reset()
         compiled = torch.compile(fuse_experts_reference, dynamic=False)
         implementations["compile"] = lambda z: compiled(z, **kwargs)
+    problems = gate({n: f for n, f in implementations.items() if n in providers},
+                    Zs[0][:GATE_ROWS], kwargs)
+    if problems:
+        raise CorrectnessError(f"{B}x{K}x{C} {dtype}: " + "; ".join(problems))
     row = {}
     probs = {}
     for name, impl in implementations.items():
@@ -179,6 +246,7 @@ def bench_row(B, K, C, dtype, device, options, providers, log):
             torch.cuda.empty_cache()
     if "kernel" in probs and "eager" in probs:
         row["max_dp"] = float((probs["kernel"] - probs["eager"]).abs().max())
+    row["read_region"] = None if region is None else region.cpu()
     return row
 
 
@@ -228,12 +296,15 @@ def render(rows, device, copy_gbs, providers, header):
         for phase in ("fwd", "fwdbwd"):
             cells += [_fmt(row.get(f"{p}_{phase}")) for p in providers]
         t_fwd = row.get(f"{lead}_fwd")
-        gbs = (io_bytes(B, K, C, dtype, backward=False, log_probs=log_probs) / t_fwd / 1e6
+        region = row.get("read_region")
+        gbs = (io_bytes(B, K, C, dtype, backward=False, log_probs=log_probs, region=region)
+               / t_fwd / 1e6
                if isinstance(t_fwd, float) else None)
         cells += [_fmt(gbs, 1), _fmt(None if gbs is None else 100 * gbs / copy_gbs, 0)]
         if "kernel" in providers:
             t_fb = row.get("kernel_fwdbwd")
-            gbs_fb = (io_bytes(B, K, C, dtype, backward=True, log_probs=log_probs) / t_fb / 1e6
+            gbs_fb = (io_bytes(B, K, C, dtype, backward=True, log_probs=log_probs,
+                               region=region) / t_fb / 1e6
                       if isinstance(t_fb, float) else None)
             cells += [_ratio(t_fwd, row.get("eager_fwd")),
                       _ratio(t_fwd, row.get("compile_fwd")),
@@ -246,9 +317,14 @@ def render(rows, device, copy_gbs, providers, header):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_size, nargs="+", default=None,
-                        help="BxKxC sizes (default: a grid up to 65536x8x8192 on CUDA, "
+                        help="BxKxC sizes (default: a grid up to 65536x8x1000 on CUDA, "
                              "small ones on the CPU)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--quick", action="store_true",
+                        help="four typical shapes, fp32 only unless --dtype (<= 3 min, GPU)")
+    parser.add_argument("--allow-large", action="store_true",
+                        help=f"allow Z larger than {MAX_Z_BYTES // 2**30} GiB")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=None,
+                        help="default: fp32 and bf16 (fp32 with --quick)")
     parser.add_argument("--weighting", choices=["energy", "uniform"], default="energy")
     parser.add_argument("--combine", choices=["prob", "logit"], default="prob")
     parser.add_argument("--energy-temperature", type=float, default=1.0)
@@ -265,7 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.write_results and device != "cuda":
         parser.error("--write-results records GPU measurements; no CUDA device is present")
-    sizes = args.sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES)
+    if args.quick:
+        sizes = args.sizes or (QUICK_SIZES if device == "cuda" else CPU_QUICK_SIZES)
+    else:
+        sizes = args.sizes or (GPU_SIZES if device == "cuda" else CPU_SIZES)
+    dtypes = args.dtype or (["fp32"] if args.quick else ["fp32", "bf16"])
+    for B, K, C in sizes:
+        largest = B * K * C * max(torch.finfo(DTYPES[d]).bits // 8 for d in dtypes)
+        if largest > MAX_Z_BYTES and not args.allow_large:
+            parser.error(f"{B}x{K}x{C} needs a {largest / 2**30:.1f} GiB Z; pass --allow-large")
     providers = (["kernel"] if device == "cuda" else []) + ["eager"]
     if not args.no_compile:
         providers.append("compile")
@@ -278,10 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = copy_bandwidth(device)
     log(f"copy bandwidth ({device}): {copy_gbs:.0f} GB/s")
     rows = []
-    for dtype_name in args.dtype:
+    for dtype_name in dtypes:
         for B, K, C in sizes:
             log(f"{B}x{K}x{C} {dtype_name} ...")
-            row = bench_row(B, K, C, DTYPES[dtype_name], device, options, providers, log)
+            try:
+                row = bench_row(B, K, C, DTYPES[dtype_name], device, options, providers, log)
+            except CorrectnessError as exc:
+                log(f"CORRECTNESS GATE FAILED, nothing timed: {exc}")
+                return 1
             rows.append(((B, K, C, dtype_name, True), row))
 
     header = provenance_header("Fusion kernel: fuse_experts", argv=[sys.argv[0], *(

@@ -1,0 +1,87 @@
+"""The benchmark tools of the fusion kernel: bench_fusion's gate and bytes, the cost model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ltroute.fusion import FusionResult, fuse_experts_reference
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_fusion  # noqa: E402
+
+
+def _broken(z, **kwargs):
+    out = fuse_experts_reference(z, **kwargs)
+    return FusionResult(out.probs * 1.001, out.energy, out.weights, out.log_probs)
+
+
+def test_gate_passes_the_reference_and_catches_a_wrong_implementation():
+    Z = torch.randn(16, 3, 10, generator=torch.Generator().manual_seed(0)) * 3
+    region = torch.ones(3, 10, dtype=torch.bool)
+    region[0, :5] = False
+    kwargs = {"region_mask": region, "return_log_probs": True}
+    ok = bench_fusion.gate({"eager": lambda z: fuse_experts_reference(z, **kwargs)}, Z, kwargs)
+    assert ok == []
+    bad = bench_fusion.gate({"bad": lambda z: _broken(z, **kwargs)}, Z, kwargs)
+    assert len(bad) == 1 and "probs" in bad[0]
+
+
+def test_bench_exits_non_zero_before_timing_on_mismatch(monkeypatch, capsys):
+    monkeypatch.setattr(bench_fusion, "fuse_experts_reference", _broken)
+    monkeypatch.setattr(bench_fusion, "time_ms", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.setattr(bench_fusion, "copy_bandwidth", lambda device: 1.0)
+    assert bench_fusion.main(["--sizes", "8x3x10", "--no-compile"]) == 1
+    assert "CORRECTNESS GATE FAILED" in capsys.readouterr().err
+
+
+def test_io_bytes_count_only_what_the_masks_let_the_kernel_read():
+    B, K, C = 4, 3, 10
+    full = bench_fusion.io_bytes(B, K, C, torch.float32, backward=False, log_probs=True)
+    assert full == B * K * C * 4 + 2 * B * C * 4 + 2 * B * K * 4
+    region = torch.zeros(K, C, dtype=torch.bool)
+    region[:, :4] = True  # 12 of 30 logits
+    nested = bench_fusion.io_bytes(B, K, C, torch.float32, backward=False, log_probs=True,
+                                   region=region)
+    assert full - nested == B * 18 * 4
+    # dZ is written whole, zeros included
+    bwd = bench_fusion.io_bytes(B, K, C, torch.bfloat16, backward=True, log_probs=True,
+                                region=region)
+    assert bwd == B * 12 * 2 + 2 * B * C * 4 + 2 * B * K * 4 + B * C * 4 + B * K * C * 2
+
+
+def test_refuses_huge_default_tensors():
+    with pytest.raises(SystemExit):
+        bench_fusion.main(["--sizes", "65536x8x8192", "--no-compile"])
+
+
+def test_kernel_cost_json_on_one_small_shape():
+    """kernel_cost.py in a fresh process (no TRITON_INTERPRET): one JSON line per case."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import triton.backends.nvidia.compiler, triton.compiler"],
+        env=env, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("triton's sm_90 compiler is unavailable")
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "kernel_cost.py"), "--shapes", "64x3x10", "--dtypes",
+         "fp32", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0 and "cuobjdump" in result.stderr:
+        pytest.skip("cuobjdump unavailable")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["direction"] for r in rows] == ["fwd", "bwd"]
+    for row in rows:
+        assert row["shape"] == [64, 3, 10] and row["dtype"] == "fp32"
+        assert row["registers"] > 0 and row["spill_bytes"] >= 0
+        assert row["config"]["BLOCK_C"] >= 10 and row["config"]["single_tile"]
+        # a one-tile program: every thread runs the straight-line code once
+        assert row["sass_instructions_per_element"] == pytest.approx(
+            row["sass_per_thread"] * 32 * row["config"]["num_warps"] / 30, rel=1e-3)
+        assert row["sass_static"] == row["sass_per_thread"]
