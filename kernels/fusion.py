@@ -27,6 +27,26 @@ offsets are widened to int64 before they are multiplied by a stride, so tensors 
 than ``2**31`` elements, or exotic strides, are addressed correctly. ``Z`` is read through
 its strides: no ``.contiguous()`` copy is ever made.
 
+Non-finite logits follow the reference: the log-sum-exp shift is a NaN-propagating max,
+so an expert's energy is exact (NaN if its region holds a NaN, ``-inf`` for ``+inf``), and
+a NaN or ``+inf`` where an active expert covers makes the row's ``P``/``log P`` NaN.
+
+Cost (read offline, without a GPU)
+----------------------------------
+``benchmarks/kernel_cost.py`` compiles these kernels for sm_90 on a CPU
+(``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))``), reads registers,
+spills and the SASS with the ``cuobjdump`` shipped in Triton, and compares an issue-bound
+time (SASS instructions x threads / (SMs x 4 schedulers x clock)) with the memory-bound
+time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel stays
+memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus the
+output traffic. This design is issue-bound at every shape that matters (table and SASS
+analysis in ``benchmarks/results/kernel_cost.md``): one program per row pays the per-row
+work (K-vector reductions through shuffles, routing weights, stores) for only K x C
+logits, and every element pays int64 address arithmetic, a region-mask load, per-element
+``-inf`` guards and two ``exp``. The remedies, not yet built: several rows per program for
+small K x C, int32 offsets when they fit, guards per vector, and a split over C when B is
+small.
+
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``
 (running max) and sum ``d = sum exp(x - m)`` of its log-sum-exp at temperature T, and at
 temperature 1 too when ``combine="prob"`` and ``T != 1``; for ``combine="logit"`` the same
