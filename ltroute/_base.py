@@ -30,6 +30,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
+from skorch.dataset import get_len, unpack_data
 from skorch.utils import to_tensor
 
 from ltroute._inputs import (
@@ -82,6 +83,10 @@ def resolve_device(device: str | torch.device | None) -> str | None:
     return str(device)
 
 
+#: ``precision`` values and the autocast dtype of each (``None``: no autocast).
+_PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
 def _never(_estimator: Any) -> bool:
     return False
 
@@ -108,6 +113,8 @@ class LongTailNet(NeuralNetClassifier):
         "target_prior": [StrOptions({"uniform", "train", "estimate"}), "array-like", Mapping],
         "normalize": [None, StrOptions({"auto"}), tuple, list],
         "augmentation": [None, StrOptions(set(AUGMENTATIONS)), ImageAugmentation],
+        "precision": [StrOptions(set(_PRECISIONS))],
+        "channels_last": ["boolean"],
     }
 
     def __init__(
@@ -134,6 +141,8 @@ class LongTailNet(NeuralNetClassifier):
         target_prior="uniform",
         normalize=None,
         augmentation=None,
+        precision="32",
+        channels_last=False,
         **kwargs,
     ):
         # NeuralNet.__init__ directly: NeuralNetClassifier's only addition is the
@@ -154,6 +163,8 @@ class LongTailNet(NeuralNetClassifier):
         self.target_prior = target_prior
         self.normalize = normalize
         self.augmentation = augmentation
+        self.precision = precision
+        self.channels_last = channels_last
 
     # ------------------------------------------------------------------ fitting
     @rolls_back_on_error
@@ -230,6 +241,7 @@ class LongTailNet(NeuralNetClassifier):
         with self._runtime(seed=seed):
             if not continuing:
                 self.initialize()
+            self._grad_scaler = self._make_grad_scaler()
             NeuralNet.partial_fit(self, train_X, y_encoded, **fit_params)
             self._after_training(X, y_encoded)
         return self
@@ -456,6 +468,8 @@ class LongTailNet(NeuralNetClassifier):
             lambda shape: self.module(**(kwargs | {"input_shape": shape})),
             self.input_shape_, int(kwargs["n_experts"]), len(self.classes_),
             type(self).__name__)
+        if self.channels_last and len(self.input_shape_) == 3:
+            self.module_ = self.module_.to(memory_format=torch.channels_last)
         return self
 
     def get_iterator(self, dataset, training=False):
@@ -483,6 +497,82 @@ class LongTailNet(NeuralNetClassifier):
         fused = self._fuse(y_pred, return_log_probs=True)
         return self.criterion_(fused.log_probs, y_true)
 
+    # ------------------------------------------------- precision and devices
+    def _make_grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 training scales the loss (skorch's ``AccelerateMixin`` brings its own)."""
+        if self.precision != "16" or hasattr(self, "accelerator") or self.device is None:
+            return None
+        return torch.amp.GradScaler(torch.device(self.device).type)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to ``precision`` on the training device (nothing for "32")."""
+        dtype = _PRECISIONS[self.precision]
+        if dtype is None or self.device is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=dtype)
+
+    def _to_device(self, data):
+        """Tensors (also inside dicts) to the training device without waiting for the
+        copy (``non_blocking``: no host synchronisation; pinned memory overlaps it)."""
+        if self.device is None:
+            return data
+        if isinstance(data, torch.Tensor):
+            return data.to(self.device, non_blocking=True)
+        if isinstance(data, dict):
+            return {key: self._to_device(value) for key, value in data.items()}
+        return to_tensor(data, device=self.device)
+
+    def train_step_single(self, batch, **fit_params):
+        """skorch's training step, with the batch moved without a host synchronisation,
+        the forward pass and loss under ``precision``'s autocast and, for fp16, the
+        loss scaled for the backward pass (the returned loss is unscaled)."""
+        self._set_training(True)
+        Xi, yi = unpack_data(batch)
+        Xi, yi = self._to_device(Xi), self._to_device(yi)
+        with self._autocast():
+            y_pred = self.infer(Xi, **fit_params)
+            loss = self.get_loss(y_pred, yi, X=Xi, training=True)
+        scaler = self.__dict__.get("_grad_scaler")
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        return {"loss": loss, "y_pred": y_pred}
+
+    def _step_optimizer(self, step_fn):
+        """skorch's optimiser step; with fp16's grad scaler, ``scaler.step`` (which skips
+        steps with non-finite gradients) and ``scaler.update``."""
+        scaler = self.__dict__.get("_grad_scaler")
+        if scaler is None or step_fn is None:
+            return super()._step_optimizer(step_fn)
+        step_fn()
+        for name in self._optimizers:
+            scaler.step(getattr(self, name + "_"))
+        scaler.update()
+        return None
+
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        """skorch's epoch loop, reading the batch losses back from the device once per
+        epoch instead of once per batch (no host synchronisation between steps).
+
+        During the epoch the history holds each batch's loss as a detached 0-d tensor
+        (``float(...)`` reads it); from the end of the epoch on, as a float."""
+        if iterator is None:
+            return
+        key = prefix + "_loss"
+        losses = []
+        for batch in iterator:
+            self.notify("on_batch_begin", batch=batch, training=training)
+            step = step_fn(batch, **fit_params)
+            losses.append(step["loss"].detach())
+            self.history.record_batch(key, losses[-1])
+            size = get_len(batch[0]) if isinstance(batch, (tuple, list)) else get_len(batch)
+            self.history.record_batch(prefix + "_batch_size", size)
+            self.notify("on_batch_end", batch=batch, training=training, **step)
+        if losses:
+            values = torch.stack(losses).float().cpu().tolist()
+            batches = self.history[-1]["batches"]
+            for entry, value in zip(batches[-len(values):], values, strict=True):
+                entry[key] = value
+        self.history.record(prefix + "_batch_count", len(losses))
+
     def infer(self, x, **fit_params):
         """skorch's ``infer`` on the batch's inputs (without ``fit``'s sample weights);
         in a training step (network in training mode, gradients on) the ``augmentation``
@@ -491,11 +581,15 @@ class LongTailNet(NeuralNetClassifier):
         if (self.augmentation is not None and self.module_.training
                 and torch.is_grad_enabled()):
             x = self._augment_batch(x)
+        if self.channels_last and isinstance(x, torch.Tensor) and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return super().infer(x, **fit_params)
 
     def evaluation_step(self, batch, training=False):
         """Return ``(probs, energy, weights)`` of the fused experts for one batch."""
-        logits, sample_mask = self._inference_logits(batch, training=training)
+        with self._autocast():
+            logits, sample_mask = self._inference_logits(batch, training=training)
+        logits = logits.float()  # the fusion works in float32
         with torch.set_grad_enabled(training):
             fused = self._fuse(logits, sample_mask=sample_mask)
         return fused.probs, fused.energy, fused.weights

@@ -148,6 +148,17 @@ _training_parameters = """module : type, default=ExpertNet
         settings. Padding takes the value of a zero pixel before normalisation, as in
         the recipe. Reproducible with ``random_state``.
 
+    precision : {"32", "bf16", "16"}, default="32"
+        Arithmetic of the forward passes: ``"bf16"`` and ``"16"`` run them under
+        ``torch.autocast`` (bfloat16 / float16; the fusion and the probabilities stay
+        float32), ``"16"`` also scales the loss with ``torch.amp.GradScaler`` (its check
+        for overflow reads one flag from the device per step). Under skorch's
+        ``AccelerateMixin`` set the accelerator's ``mixed_precision`` instead.
+
+    channels_last : bool, default=False
+        Keep image batches and the network in ``torch.channels_last`` memory format
+        (faster convolutions on recent GPUs, with ``precision="bf16"``/``"16"``).
+
     **kwargs
         Any other skorch parameter (``iterator_train__*``, ``optimizer__*``,
         ``module__*``, ``warm_start``, ...)."""

@@ -1,0 +1,155 @@
+"""GPU-ready training: precision (autocast, fp16 grad scaling), channels_last, no host
+synchronisation inside the training step, and a Dataset-backed fit over two processes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from test_dataset_inputs import write_folder
+from torch.testing import assert_close
+
+from ltroute import LongTailClassifier, RIDEClassifier
+
+
+def images(n=48, seed=0):
+    rng = np.random.RandomState(seed)
+    y = np.repeat([0, 1, 2], [24, 16, 8])[:n]
+    X = rng.rand(n, 3, 8, 8).astype(np.float32) * 0.3
+    X[np.arange(n), y] += 0.7  # each class bright in its own channel
+    return X, y
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16),
+                                              ("32", torch.float32)])
+def test_autocast_on_the_cpu(precision, dtype):
+    X, y = images()
+    clf = LongTailClassifier(backbone="convnet", max_epochs=15, lr=3e-3, batch_size=16,
+                             random_state=0, precision=precision)
+    # fit re-initialises: hook the network skorch builds in fit (a callback on train begin).
+    seen = []
+
+    from skorch.callbacks import Callback
+
+    class Hook(Callback):
+        def on_train_begin(self, net, **kwargs):
+            layer = next(m for m in net.module_.modules() if isinstance(m, torch.nn.Conv2d))
+            layer.register_forward_hook(lambda m, a, out: seen.append(out.dtype)
+                                        if m.training and torch.is_grad_enabled() else None)
+
+    clf.set_params(callbacks=[("hook", Hook())]).fit(X, y)
+    assert seen and set(seen) == {dtype}
+    probs = clf.predict_proba(X)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+    assert clf.score(X, y) > 0.9
+    losses = [batch["train_loss"] for batch in clf.history_[-1]["batches"]]
+    assert all(isinstance(loss, float) and np.isfinite(loss) for loss in losses)
+
+
+def test_fp16_scales_the_loss_and_learns():
+    X, y = images()
+    clf = LongTailClassifier(backbone="convnet", max_epochs=15, lr=3e-3, batch_size=16,
+                             random_state=0, precision="16").fit(X, y)
+    assert isinstance(clf._grad_scaler, torch.amp.GradScaler)
+    assert clf._grad_scaler.get_scale() > 0
+    assert clf.score(X, y) > 0.9
+    assert LongTailClassifier(max_epochs=1).fit(X, y)._grad_scaler is None
+
+
+def test_channels_last_feeds_and_keeps_the_format_and_changes_no_result():
+    X, y = images()
+    params = {"backbone": "convnet", "max_epochs": 3, "batch_size": 16, "random_state": 0}
+    clf = LongTailClassifier(**params, channels_last=True)
+    fitted = clf.fit(X, y)
+    conv = next(m for m in fitted.module_.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = LongTailClassifier(**params).fit(X, y)
+    assert_close(fitted.predict_proba(X), plain.predict_proba(X), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_losses_are_read_back_once_per_epoch_as_floats():
+    X, y = images()
+    clf = LongTailClassifier(max_epochs=2, batch_size=16, random_state=0).fit(X, y)
+    for epoch in clf.history_:
+        batches = epoch["batches"]
+        assert len(batches) == 3 and all(type(b["train_loss"]) is float for b in batches)
+        mean = np.average([b["train_loss"] for b in batches],
+                          weights=[b["train_batch_size"] for b in batches])
+        assert epoch["train_loss"] == pytest.approx(mean)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls, params", [
+    (LongTailClassifier, {"loss": "ldam", "drw_epoch": 0}),
+    (RIDEClassifier, {}),
+])
+@pytest.mark.parametrize("precision", ["bf16", "16"])
+def test_no_host_synchronisation_inside_the_training_step(cls, params, precision):
+    X, y = images(n=48)
+    clf = cls(backbone="resnet32", max_epochs=1, batch_size=16, device="cuda",
+              random_state=0, precision=precision, channels_last=True, normalize="auto",
+              augmentation="cifar", **params).fit(X, y)
+    batch = next(iter(clf.get_iterator(clf.get_dataset(X.astype(np.float32),
+                                                       np.asarray(y)), training=True)))
+    batch = [part.pin_memory() for part in batch]
+    steps = 0 if precision == "16" else 3  # GradScaler.step reads its overflow flag
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            clf._zero_grad_optimizer()
+            clf.train_step_single(batch)
+        if precision == "16":  # the forward and backward passes alone stay sync-free
+            clf.train_step_single(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from skorch.hf import AccelerateMixin
+    from ltroute import LongTailClassifier
+    from ltroute.datasets import ImageFolder
+
+    class Distributed(AccelerateMixin, LongTailClassifier):
+        pass
+
+    accelerator = Accelerator(cpu=True)
+    data = ImageFolder(sys.argv[1])
+    clf = Distributed(accelerator=accelerator, device=None, max_epochs=3, batch_size=8,
+                      lr=3e-3, random_state=0, normalize="auto", augmentation="cifar",
+                      iterator_train__num_workers=1)
+    clf.fit(data)
+    checksum = float(sum(p.detach().double().sum() for p in clf.module_.parameters()))
+    predictions = clf.predict(data)
+    print(f"process {accelerator.process_index}/{accelerator.num_processes}: "
+          f"{clf.class_counts_.tolist()} {sorted(set(predictions.tolist()))} "
+          f"{len(predictions)} {checksum:.6f}")
+""")
+
+
+@pytest.mark.slow
+def test_accelerate_fit_from_a_dataset_in_two_processes(tmp_path):
+    pytest.importorskip("accelerate")
+    root = write_folder(tmp_path / "images", {"cat": 12, "dog": 6, "emu": 4})
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(script), str(root)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("process "))
+    assert [line.split(":")[0] for line in lines] == ["process 0/2", "process 1/2"]
+    assert len({line.split(":", 1)[1] for line in lines}) == 1  # one model in both
+    assert "[12, 6, 4]" in lines[0] and " 22 " in lines[0]
+    predicted = lines[0].split("] [", 1)[1].split("]")[0]
+    assert predicted and set(predicted.replace("'", "").split(", ")) <= {"cat", "dog", "emu"}
