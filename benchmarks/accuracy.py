@@ -41,15 +41,17 @@ from ltroute._registry import (  # noqa: E402
     make_estimator,
 )
 from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt  # noqa: E402
-from ltroute.metrics import group_accuracy  # noqa: E402
+from ltroute.metrics import group_accuracy, shot_groups  # noqa: E402
+from ltroute.ride import RIDEClassifier  # noqa: E402
 
 DATASETS = {"letter": ("letter-LT", load_letter_lt), "mnist": ("MNIST-LT", load_mnist_lt),
             "digits": ("digits-LT", load_digits_lt)}
-GROUPS = ("overall", "many", "medium", "few")
+GROUPS = ("overall", "many", "medium", "few", "hardest")
 BASELINES = ["ce", "ldam-drw", "logit-adjusted"]
 #: suite -> (fragment name, methods, title)
 SUITES = {
-    "main": ("accuracy", [*BASELINES, "ride", "ride-logit-adjusted", "dqroute"],
+    "main": ("accuracy", [*BASELINES, "balanced-softmax", "ride", "ride-no-router",
+                          "dqroute"],
              "Accuracy on the bundled long-tailed data sets"),
     "baselines": ("baselines", ["ce", "focal", "ldam", "ldam-drw", "logit-adjusted",
                                 "balanced-softmax"], "Every LongTailClassifier loss"),
@@ -60,36 +62,68 @@ SUITES = {
 }
 
 
-def run_one(method: str, data, *, epochs: int, seed: int) -> dict:
+def hardest_classes(data, *, epochs: int, seed: int) -> np.ndarray:
+    """The hardest third of the classes: highest per-class error of a cross-entropy model
+    (``LongTailClassifier(loss="ce")``) trained on 80 % of the training split and scored
+    on the other 20 % (stratified, seeded); the test split is never used."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(data.y_train), dtype=bool)
+    for c in np.unique(data.y_train):  # 20 % of each class (none of a 1-sample class)
+        members = rng.permutation(np.flatnonzero(data.y_train == c))
+        val[members[:int(round(0.2 * len(members)))]] = True
+    X_fit, y_fit = data.X_train[~val], data.y_train[~val]
+    X_val, y_val = data.X_train[val], data.y_train[val]
+    clf = make_estimator("ce", max_epochs=epochs, random_state=seed).fit(X_fit, y_fit)
+    pred = clf.predict(X_val)
+    classes = np.unique(data.y_train)
+    error = np.array([np.mean(pred[y_val == c] != c) if np.any(y_val == c) else 1.0
+                      for c in classes])  # a class without validation samples: hardest
+    return classes[np.argsort(-error, kind="stable")[:int(np.ceil(len(classes) / 3))]]
+
+
+def run_one(method: str, data, *, epochs: int, seed: int,
+            hardest: np.ndarray | None = None) -> dict:
     """Fit one configuration on one seed; return its scores and timings."""
     clf = make_estimator(method, max_epochs=epochs, random_state=seed)
     start = time.perf_counter()
     clf.fit(data.X_train, data.y_train)
     fit_seconds = time.perf_counter() - start
-    scores = group_accuracy(data.y_test, clf.predict(data.X_test),
-                            class_counts=data.class_counts)
+    pred = clf.predict(data.X_test)
+    scores = group_accuracy(data.y_test, pred, class_counts=data.class_counts)
+    if hardest is not None:
+        scores["hardest"] = float(np.mean([np.mean(pred[data.y_test == c] == c)
+                                           for c in hardest]))
     experts = getattr(clf, "expert_usage_", None)  # set by predict (RIDE only)
     if experts is None:
         experts = clf.module_.n_experts
+    per_group = {}
+    if isinstance(clf, RIDEClassifier):  # experts per test sample in each shot group
+        used = clf.route(data.X_test)
+        for group, members in shot_groups(data.class_counts).items():
+            mask = np.isin(data.y_test, members)
+            per_group[f"experts_{group}"] = float(used[mask].mean()) if mask.any() else np.nan
     compute = getattr(clf, "relative_macs_", 1.0)
-    return {**scores, "experts": float(experts), "relative_compute": float(compute),
-            "fit_s": fit_seconds}
+    return {**scores, "experts": float(experts), **per_group,
+            "relative_compute": float(compute), "fit_s": fit_seconds}
 
 
 def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[str]:
-    lines = ["| method | overall | many | medium | few | experts / sample "
-             "| rel. compute | fit (s) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | overall | many | medium | few | hardest third | experts / sample "
+             "(many / medium / few) | rel. compute | fit (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
         cells = []
         for key in GROUPS:
             values = 100 * np.array([r[key] for r in rows])
             cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
-        experts = np.mean([r["experts"] for r in rows])
+        experts = f"{np.mean([r['experts'] for r in rows]):.2f}"
+        if "experts_many" in rows[0]:
+            experts += " (" + " / ".join(f"{np.mean([r[f'experts_{g}'] for r in rows]):.2f}"
+                                         for g in ("many", "medium", "few")) + ")"
         compute = np.mean([r["relative_compute"] for r in rows])
         fit = np.array([r["fit_s"] for r in rows])
-        lines.append(f"| {method} | {' | '.join(cells)} | {experts:.2f} | {compute:.2f} | "
+        lines.append(f"| {method} | {' | '.join(cells)} | {experts} | {compute:.2f} | "
                      f"{fit.mean():.1f} ± {fit.std():.1f} |")
     return lines
 
@@ -111,7 +145,8 @@ def _plot(runs: list[dict], methods: list[str], datasets: list[str], path: Path)
                           if r["dataset"] == dataset and r["method"] == method]
                 means.append(np.mean(values))
                 stds.append(np.std(values))
-            ax.bar(np.arange(len(methods)) + (g - 1.5) * width, means, width, yerr=stds,
+            offset = (g - (len(GROUPS) - 1) / 2) * width
+            ax.bar(np.arange(len(methods)) + offset, means, width, yerr=stds,
                    label=group, capsize=2)
         ax.set_xticks(np.arange(len(methods)), methods, rotation=20)
         ax.set_ylabel("accuracy (%)")
@@ -150,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         title, loader = DATASETS[dataset]
         for seed in args.seeds:
             data = loader(random_state=seed)
+            hardest = hardest_classes(data, epochs=args.epochs, seed=seed)
+            print(f"{title:10s} seed {seed} hardest third (CE validation error): "
+                  f"{hardest.tolist()}", flush=True)
             for method in args.methods:
-                result = run_one(method, data, epochs=args.epochs, seed=seed)
+                result = run_one(method, data, epochs=args.epochs, seed=seed,
+                                 hardest=hardest)
                 runs.append({"dataset": dataset, "method": method, "seed": seed, **result})
                 print(f"{title:10s} seed {seed} {method:22s} "
                       + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
@@ -159,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULTS_DIR.mkdir(exist_ok=True)
     with open(RESULTS_DIR / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
         writer.writeheader()
         writer.writerows(runs)
 
@@ -169,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
              "registered configuration (`ltroute/_registry.py`: the estimators' defaults, "
              "DRW at 80 % of the epochs for LDAM-DRW; ablations change one parameter). "
              "Accuracy in % on the balanced test split, mean ± std over seeds; groups by "
-             "training count: many > 100, medium 20-100, few < 20. *experts / sample*: "
-             "mean experts evaluated per test sample; *rel. compute*: MACs relative to "
+             "training count: many > 100, medium 20-100, few < 20; *hardest third*: mean "
+             "test accuracy of the third of the classes with the highest per-class error "
+             "of a cross-entropy model fitted on 80 % of the training split and scored on "
+             "the other 20 % (stratified, same seed; the test split is not used). "
+             "*experts / sample*: mean experts evaluated per test sample (RIDE: also per "
+             "shot group of the test sample's class, from `route`); *rel. compute*: "
+             "MACs relative to "
              "running every expert (RIDE's router). Fit time includes RIDE's router "
              f"stage; torch CPU threads: {torch.get_num_threads()}. Every run is in "
              f"`benchmarks/results/{args.name}.csv`.\n")
