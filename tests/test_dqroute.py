@@ -425,12 +425,34 @@ def test_dqroute_beats_cross_entropy_on_letter(letter):
     accuracy CE 0.798 +- 0.007, DQRoute 0.844 +- 0.008 (gaps 0.044, 0.048, 0.047);
     few-shot accuracy CE 0.586 +- 0.021, DQRoute 0.717 +- 0.025 (gaps 0.125, 0.137,
     0.131). The test fits seed 0 and asks for about half the smallest gap.
+
+    Difficult classes (the paper's claim; rare is not difficult): the hardest third of
+    the classes, ranked by the per-class error of a CE model fitted on 80 % of the
+    training split and scored on the other 20 % (the rule of ``benchmarks/accuracy.py``),
+    gained 0.123, 0.110, 0.103 with DQRoute over CE (seeds 0, 1, 2;
+    ``benchmarks/results/accuracy_letter.md``); asserted: 0.05.
     """
+    rng = np.random.default_rng(0)
+    val = np.zeros(len(letter.y_train), dtype=bool)
+    for c in np.unique(letter.y_train):
+        members = rng.permutation(np.flatnonzero(letter.y_train == c))
+        val[members[:int(round(0.2 * len(members)))]] = True
+    ranker = LongTailClassifier(loss="ce", random_state=0).fit(letter.X_train[~val],
+                                                              letter.y_train[~val])
+    pred = ranker.predict(letter.X_train[val])
+    classes = np.unique(letter.y_train)
+    error = [np.mean(pred[letter.y_train[val] == c] != c) for c in classes]
+    hardest = classes[np.argsort(-np.asarray(error), kind="stable")[:len(classes) // 3 + 1]]
+    predictions = {}
     scores = {}
     for name, clf in (("ce", LongTailClassifier(loss="ce", random_state=0)),
                       ("dqroute", DQRouteClassifier(random_state=0))):
         clf.fit(letter.X_train, letter.y_train)
-        scores[name] = group_accuracy(letter.y_test, clf.predict(letter.X_test),
+        predictions[name] = clf.predict(letter.X_test)
+        scores[name] = group_accuracy(letter.y_test, predictions[name],
                                       class_counts=letter.class_counts)
+        scores[name]["hardest"] = np.mean([np.mean(predictions[name][letter.y_test == c] == c)
+                                           for c in hardest])
     assert scores["dqroute"]["overall"] >= scores["ce"]["overall"] + 0.025
     assert scores["dqroute"]["few"] >= scores["ce"]["few"] + 0.07
+    assert scores["dqroute"]["hardest"] >= scores["ce"]["hardest"] + 0.05
