@@ -35,7 +35,8 @@ RIDE_ABLATIONS: dict[str, dict[str, Any]] = {
     "ride-no-drw": {"drw_epoch": None},
 }
 DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
-    "dqroute-no-difficulty": {"use_difficulty": False},
+    # Difficulty weighting is off by default (no measured gain); this switches it on.
+    "dqroute-difficulty": {"use_difficulty": True},
     "dqroute-no-prior": {"use_prior": False},
     "dqroute-ood-margin": {"ood_loss": "margin"},
     "dqroute-ood-logistic": {"ood_loss": "logistic"},
@@ -45,7 +46,8 @@ DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
     "dqroute-disjoint": {"region_overlap": "none"},
     # The defaults of the specification (docs/dqroute.md, section 6.3), before the design
     # changes documented in DQRouteClassifier's Notes.
-    "dqroute-spec": {"region_overlap": "none", "cosine_head": True, "ood_loss": "margin",
+    "dqroute-spec": {"use_difficulty": True, "region_overlap": "none", "cosine_head": True,
+                     "ood_loss": "margin",
                      "fused_logit_adjust_tau": 0.0, "expert_logit_adjust_tau": 0.0,
                      "prior_mix_alpha": 0.5},
 }

@@ -282,7 +282,8 @@ def test_difficulty_score_and_prior_mixing():
 def test_fitted_weight_state_and_history(toy):
     X, y = toy
     clf = DQRouteClassifier(**(FAST | {"max_epochs": 6, "weight_warmup_epochs": 2,
-                                       "difficulty_gamma": 2.0, "weight_clip": 3.0})).fit(X, y)
+                                       "use_difficulty": True, "difficulty_gamma": 2.0,
+                                       "weight_clip": 3.0})).fit(X, y)
     assert clf.difficulty_history_.shape == (6, 6)
     # The fitted history and skorch's history record the same per-epoch difficulties.
     np.testing.assert_allclose(clf.difficulty_history_,
@@ -293,7 +294,8 @@ def test_fitted_weight_state_and_history(toy):
     assert clf.difficulty_weights_.min() >= 1 / 3 - 1e-6 and clf.difficulty_weights_.max() <= 3
     assert not np.allclose(clf.difficulty_weights_, 1.0)
     assert np.all(np.isfinite(clf.class_accuracy_ema_)) and np.all(clf.class_entropy_ >= 0)
-    frozen = DQRouteClassifier(**(FAST | {"difficulty_gamma": 0.0})).fit(X, y)
+    frozen = DQRouteClassifier(**(FAST | {"use_difficulty": True,
+                                          "difficulty_gamma": 0.0})).fit(X, y)
     np.testing.assert_array_equal(frozen.difficulty_weights_, np.ones(6))
     off = DQRouteClassifier(**(FAST | {"use_difficulty": False, "difficulty_gamma": 5.0,
                                        "weight_warmup_epochs": 0})).fit(X, y)
