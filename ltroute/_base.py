@@ -36,6 +36,8 @@ from skorch.utils import to_tensor
 from ltroute._inputs import (
     InferenceDataset,
     TrainingDataset,
+    array_batches,
+    batch_loader,
     channel_statistics,
     check_dataset_y,
     check_normalization,
@@ -473,17 +475,32 @@ class LongTailNet(NeuralNetClassifier):
         return self
 
     def get_iterator(self, dataset, training=False):
-        """Training batches are shuffled by default; a last batch of one sample is dropped."""
-        if not training:
-            return super().get_iterator(dataset, training=False)
-        kwargs = self.get_params_for("iterator_train")
+        """Training batches are shuffled by default; a last batch of one sample is dropped.
+
+        In-memory arrays are sliced a batch at a time (:func:`ltroute._inputs.batch_loader`,
+        the same batches as skorch's per-row loading) unless a ``collate_fn``, sampler or
+        Accelerate asks for skorch's own loader."""
+        prefix = "iterator_train" if training else "iterator_valid"
+        kwargs = self.get_params_for(prefix)
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
-        check_batch_norm_batches(self, len(dataset), kwargs["batch_size"])
-        kwargs.setdefault("shuffle", True)
-        if "drop_last" not in kwargs and len(dataset) > 1:
-            kwargs["drop_last"] = len(dataset) % kwargs["batch_size"] == 1
-        return self.iterator_train(dataset, **kwargs)
+        if training:
+            check_batch_norm_batches(self, len(dataset), kwargs["batch_size"])
+            kwargs.setdefault("shuffle", True)
+            if "drop_last" not in kwargs and len(dataset) > 1:
+                kwargs["drop_last"] = len(dataset) % kwargs["batch_size"] == 1
+        else:
+            kwargs.setdefault("shuffle", False)
+        iterator = self.iterator_train if training else self.iterator_valid
+        arrays = None
+        if (iterator is torch.utils.data.DataLoader and not hasattr(self, "accelerator")
+                and not {"collate_fn", "sampler", "batch_sampler"} & set(kwargs)):
+            arrays = array_batches(dataset)
+        if arrays is not None:
+            return batch_loader(iterator, arrays, **kwargs)
+        if not training:
+            return super().get_iterator(dataset, training=False)
+        return iterator(dataset, **kwargs)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Method loss on expert logits in training (weighted by ``fit``'s

@@ -411,3 +411,64 @@ class InferenceDataset(Dataset):
             mean, std = self._normalizer
             image = (image - mean) / std
         return image, 0
+
+
+# ------------------------------------------------------------- in-memory batches
+class ArrayBatches(Dataset):
+    """In-memory arrays indexed a whole batch at a time (``dataset[indices]``).
+
+    skorch's default dataset returns one row per ``__getitem__`` and the loader collates
+    them again, a Python call per sample; slicing the tensors by the batch's indices is
+    what a hand-written loop does, and returns the same batches. Used with
+    :func:`batch_loader` for arrays given to ``fit`` and the predict-like methods.
+    """
+
+    def __init__(self, X: Any, y: Any | None) -> None:
+        self.X = _as_tensors(X)
+        n = len(next(iter(self.X.values()))) if isinstance(self.X, dict) else len(self.X)
+        self.y = torch.zeros(n, dtype=torch.int64) if y is None else _as_tensors(y)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, indices: Any) -> tuple[Any, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        if isinstance(self.X, dict):
+            return {key: value[index] for key, value in self.X.items()}, self.y[index]
+        return self.X[index], self.y[index]
+
+
+def _as_tensors(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {key: _as_tensors(value) for key, value in data.items()}
+    if isinstance(data, torch.Tensor):
+        return data
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def array_batches(dataset: Any) -> ArrayBatches | None:
+    """An :class:`ArrayBatches` view of skorch's default dataset over numpy arrays or
+    tensors (dicts of them included), or ``None`` for anything else."""
+    from skorch.dataset import Dataset as SkorchDataset
+
+    if type(dataset) is not SkorchDataset:
+        return None
+    parts = [dataset.X, dataset.y]
+    flat = [v for part in parts if part is not None
+            for v in (part.values() if isinstance(part, dict) else [part])]
+    if not all(isinstance(v, (np.ndarray, torch.Tensor)) and v.dtype != object
+               for v in flat):
+        return None
+    return ArrayBatches(dataset.X, dataset.y)
+
+
+def batch_loader(iterator: type, dataset: ArrayBatches, batch_size: int, shuffle: bool,
+                 drop_last: bool = False, **kwargs: Any) -> Any:
+    """``iterator`` (a ``DataLoader``) drawing whole batches of ``dataset``: the same
+    samplers (and random draws) as ``DataLoader(shuffle=..., drop_last=...)``."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
+    return iterator(dataset, batch_size=None, sampler=batches, **kwargs)

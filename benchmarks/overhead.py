@@ -1,0 +1,131 @@
+"""Training overhead: ltroute's fit against a plain hand-written PyTorch loop.
+
+Both sides train the same network (a copy of the estimator's initialised ``module_``)
+with the same optimiser, learning rate, batch size, training loss (the estimator's own
+``_training_loss``) and data, for the same number of epochs; the plain loop shuffles a
+``DataLoader`` over the tensors (or over the image folder, with the same workers) and
+does nothing else. ltroute's time is its whole ``fit`` (validation, skorch's loop and
+callbacks, the end-of-fit convergence check; RIDE without its router stage,
+``router=False``, which the plain loop has no counterpart of). Reported: samples per
+second of each and their ratio (ltroute time / plain time), the best of ``--repeats``.
+
+Usage::
+
+    /work/bin/heavy --exclusive python benchmarks/overhead.py \
+        --image-folder /work/data/cifar10-jpeg/train
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from _provenance import provenance_header, write_fragment
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute.datasets import ImageFolder, load_letter_lt
+
+
+def plain_loop(clf, data, epochs: int, batch_size: int, loader_kwargs: dict) -> float:
+    """Seconds of a hand-written loop training a copy of ``clf.module_``."""
+    module = copy.deepcopy(clf.module_).train()
+    optimizer = clf.optimizer(module.parameters(), lr=clf.lr,
+                              **clf.get_params_for("optimizer"))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, **loader_kwargs)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for X, y in loader:
+            optimizer.zero_grad()
+            loss = clf._training_loss(module(X), y)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+def measure(make, X, y, dataset, epochs, batch_size, repeats, loader_kwargs):
+    """(ltroute seconds, plain seconds), each the best of ``repeats``."""
+    fits, plains = [], []
+    warm = make(random_state=0, max_epochs=1)  # first calls (allocations, kernels) untimed
+    warm.fit(X, y) if dataset is None else warm.fit(dataset)
+    for repeat in range(repeats):
+        clf = make(random_state=repeat)
+        start = time.perf_counter()
+        clf.fit(X, y) if dataset is None else clf.fit(dataset)
+        fits.append(time.perf_counter() - start)
+        encoded = np.searchsorted(clf.classes_, y)
+        data = (TensorDataset(torch.as_tensor(X), torch.as_tensor(encoded))
+                if dataset is None else dataset)
+        torch.manual_seed(repeat)
+        plains.append(plain_loop(clf, data, epochs, batch_size, loader_kwargs))
+    return min(fits), min(plains)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-folder", default=None,
+                        help="root/<class>/<image> folder (e.g. the CIFAR-10 JPEG copy)")
+    parser.add_argument("--images", type=int, default=2560,
+                        help="images taken from the folder (a seeded random subset)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    rows = []
+    common = {"max_epochs": args.epochs, "batch_size": args.batch_size,
+              "lr_schedule": None}
+    letter = load_letter_lt(random_state=0)
+    X, y = letter.X_train.astype(np.float32), letter.y_train
+    estimators = {
+        "LongTailClassifier (CE)": lambda **kw: LongTailClassifier(loss="ce", **common, **kw),
+        "RIDEClassifier (3 experts)": lambda **kw: RIDEClassifier(router=False, **common,
+                                                                  **kw),
+    }
+    for name, make in estimators.items():
+        fit, plain = measure(make, X, y, None, args.epochs, args.batch_size, args.repeats, {})
+        rows.append(("letter-LT, in-memory", name, len(X), fit, plain))
+        print(rows[-1], flush=True)
+
+    if args.image_folder:
+        folder = ImageFolder(args.image_folder)
+        keep = np.sort(np.random.RandomState(0).permutation(len(folder))[:args.images])
+        subset = Subset(folder, keep)
+        labels = np.asarray(folder.classes)[np.asarray(folder.targets)[keep]]
+        loader = {"num_workers": args.workers, "persistent_workers": args.workers > 0}
+        iterator = {f"iterator_train__{k}": v for k, v in loader.items()}
+        images = {"backbone": "convnet", **common, **iterator}
+        estimators = {
+            "LongTailClassifier (CE)": lambda **kw: LongTailClassifier(loss="ce", **images,
+                                                                       **kw),
+            "RIDEClassifier (3 experts)": lambda **kw: RIDEClassifier(router=False,
+                                                                      **images, **kw),
+        }
+        for name, make in estimators.items():
+            fit, plain = measure(make, None, labels, subset, args.epochs, args.batch_size,
+                                 args.repeats, loader)
+            rows.append((f"CIFAR-10 (JPEG copy), {len(keep)} images, image folder, "
+                         f"{args.workers} workers", name, len(keep), fit, plain))
+            print(rows[-1], flush=True)
+
+    lines = [provenance_header("Training overhead: ltroute fit vs a plain PyTorch loop"),
+             f"CPU proxy: {args.epochs} epochs, batch {args.batch_size}, best of "
+             f"{args.repeats} runs (seeds 0..{args.repeats - 1}); image rows use the small "
+             "ConvNet backbone on 32x32 images. Ratio = ltroute seconds / plain seconds "
+             "(goal <= 1.10).", "",
+             "| data | estimator | samples/s ltroute | samples/s plain | ratio |",
+             "|---|---|---:|---:|---:|"]
+    for data, name, n, fit, plain in rows:
+        lines.append(f"| {data} | {name} | {n * args.epochs / fit:,.0f} | "
+                     f"{n * args.epochs / plain:,.0f} | {fit / plain:.2f} |")
+    path = write_fragment("overhead", "\n".join(lines) + "\n")
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
