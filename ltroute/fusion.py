@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import numbers
 from types import ModuleType
 from typing import NamedTuple
 
@@ -127,8 +128,14 @@ def fuse_experts_reference(
         log_pk = z - expert_lse.unsqueeze(2)
         log_probs = _masked_logsumexp(log_weights.unsqueeze(2) + log_pk, contributes, dim=1)
     else:
-        # Inactive experts have weight 0; masking them keeps 0 * inf out of the sum.
-        combined = (weights.unsqueeze(2) * z.masked_fill(~contributes, 0.0)).sum(dim=1)
+        # Inactive experts have weight 0; masking them keeps 0 * inf out of the sum. A -inf
+        # logit makes its class -inf in the combination (weight > 0) without entering the
+        # product: d(w * z)/dw = z = -inf would turn the class's zero probability into a NaN
+        # gradient for the weights (and through them every logit of the row).
+        neg_inf = (z == float("-inf")) & contributes & (weights.unsqueeze(2) > 0)
+        finite_z = z.masked_fill(~contributes | neg_inf, 0.0)
+        combined = (weights.unsqueeze(2) * finite_z).sum(dim=1)
+        combined = combined.masked_fill(neg_inf.any(dim=1), float("-inf"))
         log_probs = torch.log_softmax(combined, dim=1)
     # NaN / +inf where an active expert covers: the whole row is NaN, never a probability.
     log_probs = log_probs.masked_fill(_poisoned_rows(z, contributes), float("nan"))
@@ -242,7 +249,8 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # Any real scalar (Python or NumPy: np.float32(1.0) is as good as 1.0), never a bool.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}.")
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}.")

@@ -399,3 +399,43 @@ def test_fitted_estimator_keeps_no_reference_to_the_training_data(blobs):
     assert {name for name, _ in clf.callbacks_} >= {"batchnorm_recalibration",
                                                     "convergence_check"}
     assert all(getattr(cb, "dataset_train_", None) is None for _, cb in clf.callbacks_)
+
+
+# ---------------------------------------------------------------- fuse_experts edge cases
+def test_fuse_experts_takes_numpy_temperatures():
+    from ltroute.fusion import fuse_experts
+
+    Z = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    expected = fuse_experts(Z, energy_temperature=0.5, routing_temperature=2.0)
+    got = fuse_experts(Z, energy_temperature=np.float32(0.5), routing_temperature=np.int64(2))
+    torch.testing.assert_close(got.probs, expected.probs)
+    with pytest.raises(TypeError, match="energy_temperature"):
+        fuse_experts(Z, energy_temperature=True)
+
+
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+def test_logit_combination_with_a_minus_inf_logit_has_finite_gradients(weighting):
+    """A -inf logit is a class the expert rules out: its fused probability is 0, the loss
+    of any other class and every gradient stay finite (the limit of a very negative logit)."""
+    from ltroute.fusion import fuse_experts
+
+    torch.manual_seed(0)
+    base = torch.randn(3, 3, 5, dtype=torch.float64)
+    with_inf = base.clone()
+    with_inf[0, 1, 2] = float("-inf")
+    very_negative = base.clone()
+    very_negative[0, 1, 2] = -1e4
+    results = []
+    for Z in (with_inf, very_negative):
+        Z = Z.clone().requires_grad_(True)
+        out = fuse_experts(Z, combine="logit", weighting=weighting, return_log_probs=True)
+        loss = -out.log_probs[:, 0].sum()
+        loss.backward()
+        results.append((out.probs.detach(), loss.detach(), Z.grad))
+    (p_inf, loss_inf, grad_inf), (p_neg, loss_neg, grad_neg) = results
+    assert torch.isfinite(loss_inf) and bool(torch.isfinite(grad_inf).all())
+    assert p_inf[0, 2] == 0
+    torch.testing.assert_close(p_inf, p_neg)
+    torch.testing.assert_close(loss_inf, loss_neg)
+    grad_neg[0, 1, 2] = 0.0  # the -inf entry itself gets no gradient (its class has p = 0)
+    torch.testing.assert_close(grad_inf, grad_neg)
