@@ -104,3 +104,9 @@ def test_image_folder_on_a_tiny_jpeg_folder(tmp_path, capsys):
     assert "few" in out and "[CIFAR-10 (JPEG copy)]" in out
     assert "overall" in report and "few" in report
     assert figure.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_label_shift():
+    out = run_example("label_shift.py")
+    assert "estimate" in out and "total variation" in out and "ECE per group" in out
