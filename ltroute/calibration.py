@@ -59,7 +59,7 @@ def as_log_proba(proba: ArrayLike, name: str = "probabilities") -> np.ndarray:
 
 
 def fit_temperature(
-    log_proba: ArrayLike, y: ArrayLike, *, bias: bool = False
+    log_proba: ArrayLike, y: ArrayLike, *, bias: bool = False, offset: ArrayLike | None = None
 ) -> tuple[float, np.ndarray]:
     """Fit a temperature (and per-class biases) by maximum likelihood.
 
@@ -72,6 +72,12 @@ def fit_temperature(
     bias : bool, default=False
         Also fit one bias per class (BCTS). The biases are centred (mean zero), which
         leaves the calibrated probabilities unchanged.
+    offset : array-like of shape (n_classes,), default=None
+        Fixed per-class log-offset ``o`` added during the fit only: the likelihood is
+        that of ``softmax(log_proba / T + b + o)``. Used when the probabilities are
+        posteriors under a prior other than the held-out samples' one (``o = log
+        pi_held_out - log pi_source``), so that ``T`` and ``b`` calibrate them under
+        their own prior.
 
     Returns
     -------
@@ -88,11 +94,12 @@ def fit_temperature(
     if not np.all(np.isfinite(z)):
         raise ValueError("log_proba must be finite to fit a temperature.")
     rows = np.arange(n)
+    shift = np.zeros(n_classes) if offset is None else np.asarray(offset, dtype=np.float64)
 
     def nll(params: np.ndarray) -> tuple[float, np.ndarray]:
         inv_t = np.exp(params[0])
         b = params[1:] if bias else np.zeros(n_classes)
-        s = inv_t * z + b
+        s = inv_t * z + b + shift
         lse = logsumexp(s, axis=1)
         loss = np.mean(lse - s[rows, y])
         grad_s = np.exp(s - lse[:, None])

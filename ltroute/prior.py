@@ -329,10 +329,11 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
         Calibration of the probabilities, fitted on held-out predictions of the
         training data: ``"bcts"`` a temperature and per-class biases (Alexandari et al.
         2020), ``"temperature"`` a temperature only, ``None`` none. Needed for a
-        reliable ``"estimate"`` (EM on miscalibrated probabilities can collapse). Since
-        the held-out data follow the training distribution, ``"bcts"`` makes the
-        probabilities posteriors under the *empirical* training prior; it therefore
-        requires ``train_prior="fit"``.
+        reliable ``"estimate"`` (EM on miscalibrated probabilities can collapse). The
+        held-out samples follow the empirical training prior; with another
+        ``train_prior`` the fit adds the fixed offset ``log pi_fit - log pi_train``, so
+        that the calibrated probabilities stay posteriors under ``train_prior_`` (e.g.
+        a balanced ltroute estimator with ``train_prior="uniform"``).
     cv : int or cross-validation splitter, default=5
         How held-out predictions are made for the calibration
         (``cross_val_predict``; an int is a stratified k-fold). Unused when
@@ -436,15 +437,6 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
         _check_tau(self.tau)
         if self.calibration is not None:
             _check_cv(self.cv)
-        if self.calibration == "bcts" and not (
-            isinstance(self.train_prior, str) and self.train_prior == "fit"
-        ):
-            raise ValueError(
-                "calibration='bcts' fits class biases on training-distribution "
-                "data, so it needs train_prior='fit'; use "
-                "calibration='temperature' or None with train_prior="
-                f"{self.train_prior!r}."
-            )
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         classes, y_codes = np.unique(y, return_inverse=True)
@@ -458,8 +450,11 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
         temperature, biases = 1.0, np.zeros(len(classes))
         if self.calibration is not None:
             held_out = heldout_log_proba(self.estimator, X, y, cv=self.cv, fit_params=fit_params)
+            # The held-out samples follow the empirical training prior; calibrate the
+            # probabilities as posteriors under ``train_prior_`` (no offset for "fit").
+            offset = np.log(counts / counts.sum()) - np.log(train_prior)
             temperature, biases = fit_temperature(
-                held_out, y_codes, bias=self.calibration == "bcts"
+                held_out, y_codes, bias=self.calibration == "bcts", offset=offset
             )
         estimator = clone(self.estimator).fit(X, y, **fit_params)
         if not np.array_equal(np.asarray(estimator.classes_), classes):

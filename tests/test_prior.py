@@ -110,8 +110,6 @@ def test_bad_train_prior_and_calibration_combination(train):
         PriorCorrectedClassifier(
             LogisticRegression(), train_prior=[1, 0, 1, 1], calibration=None
         ).fit(X, y)
-    with pytest.raises(ValueError, match="bcts"):
-        PriorCorrectedClassifier(LogisticRegression(), train_prior="uniform").fit(X, y)
     with pytest.raises(ValueError, match="tau"):
         PriorCorrectedClassifier(LogisticRegression(), tau=np.inf).fit(X, y)
 
@@ -385,3 +383,16 @@ def test_bad_target_prior_on_a_network_raises_and_keeps_the_fit(nets, digits, pr
         clf.predict(digits.X_test[:5])
     clf.set_params(target_prior="uniform")
     assert_array_equal(clf.predict(digits.X_test), nets[LongTailClassifier].predict(digits.X_test))
+
+
+def test_calibration_under_a_uniform_train_prior_uses_the_offset(train):
+    """A balanced model (posteriors under the uniform prior) wrapped with
+    train_prior="uniform": the calibration must not learn the training prior back."""
+    X, y = train
+    balanced = PriorCorrectedClassifier(LogisticRegression(), calibration=None)
+    clf = PriorCorrectedClassifier(balanced, train_prior="uniform", cv=3).fit(X, y)
+    # the inner model is already the uniform-prior posterior: biases stay near zero
+    assert np.max(np.abs(clf.biases_)) < 0.2
+    X_test, y_test = _sample(np.array([0.05, 0.15, 0.3, 0.5]), 4000, np.random.RandomState(8))
+    estimate = clf.estimate_prior(X_test)
+    assert np.max(np.abs(estimate - [0.05, 0.15, 0.3, 0.5])) < 0.04
