@@ -76,7 +76,11 @@ def _svc(seed: int) -> PriorCorrectedClassifier:
 
 
 def _hgb(seed: int) -> PriorCorrectedClassifier:
-    return PriorCorrectedClassifier(HistGradientBoostingClassifier(random_state=seed))
+    # learning_rate=0.1 (the default) diverges on letter-LT's training data (training
+    # accuracy 14.8 %, measured with scikit-learn 1.9.1); 0.05 trains. Chosen on the
+    # training data only.
+    return PriorCorrectedClassifier(
+        HistGradientBoostingClassifier(learning_rate=0.05, random_state=seed))
 
 
 def models_for(dataset: str, seed: int, epochs: int) -> dict:
@@ -231,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         "probabilities). SVC: `SVC(C=10, probability=True)` (deprecated in scikit-learn "
         "1.9; its suggested replacement `CalibratedClassifierCV(SVC(), ensemble=False)` "
         "calibrates one-vs-rest and measured 8 points worse on letter-LT); "
-        "HistGB: `HistGradientBoostingClassifier()` defaults; both inside "
+        "HistGB: "
+        "`HistGradientBoostingClassifier(learning_rate=0.05)` (the default 0.1 diverges "
+        "on letter-LT's training data: 14.8 % training accuracy); both inside "
         "`PriorCorrectedClassifier()` defaults (tau=1, calibration='bcts', cv=5); their "
         "fit time includes the 5 calibration fits. *logit-adjusted + PriorCorrected(T)* "
         "(letter-LT only): the logit-adjusted network inside "

@@ -123,9 +123,11 @@ _training_parameters = """module : type, default=ExpertNet
         ``p_t(y|x) proportional to p(y|x) pi_t(y)`` (:mod:`ltroute.prior`):
         ``"uniform"`` is no correction (bit for bit the network's output);
         ``"train"`` the training distribution (``class_counts_``); ``"estimate"`` the
-        prior of each batch given to ``predict``, estimated by EM (Saerens et al. 2002;
-        uncalibrated: for held-out calibration wrap the estimator in
-        :class:`~ltroute.PriorCorrectedClassifier` with ``train_prior="uniform"``); or
+        prior of each batch given to ``predict``, estimated by EM (Saerens et al. 2002)
+        on the *uncalibrated* fused probabilities — overconfident networks can make it
+        drift (measured: ``benchmarks/results/label_shift.md``); for EM on calibrated
+        probabilities wrap the estimator in :class:`~ltroute.PriorCorrectedClassifier`
+        with ``train_prior="uniform", calibration="temperature"``; or
         weights per class (an array aligned with ``classes_`` or a mapping over all
         classes). Used at prediction only: ``set_params`` after ``fit`` changes it
         without refitting. For ``loss="ce"`` / ``"focal"`` without DRW the network
