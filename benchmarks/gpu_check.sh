@@ -39,7 +39,7 @@ step cuda_tests 240 "$PY" -m pytest -q -p no:cacheprovider -x \
 
 step large_shapes 120 "$PY" - <<'PY'
 import torch
-from ltroute.fusion import fuse_experts, fuse_experts_reference
+from ltroute.fusion import fuse_experts
 
 fails = 0
 dev = "cuda"
@@ -60,7 +60,7 @@ for (B, K, C), dt in cases:
     z_t = Z.detach().clone().requires_grad_()
     z_r = Z.detach().double().requires_grad_()
     tri = fuse_experts(z_t, backend="triton", **kw)
-    ref = fuse_experts_reference(z_r, **kw)
+    ref = fuse_experts(z_r, backend="torch", **kw)  # float64 reference
     up = torch.randn(B, C, device=dev, generator=g)
     up[:2] = 0
     (gt,) = torch.autograd.grad(tri.probs[2:], z_t, up[2:])
@@ -89,8 +89,9 @@ from sklearn.model_selection import train_test_split
 
 from ltroute import DQRouteClassifier
 
+shares = np.geomspace(1, 0.05, 10)
 X, y = make_classification(n_samples=6000, n_features=32, n_informative=16, n_classes=10,
-                           n_clusters_per_class=1, weights=list(np.geomspace(1, 0.05, 10)),
+                           n_clusters_per_class=1, weights=list(shares / shares.sum()),
                            random_state=0)
 X = X.astype(np.float32)
 X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
@@ -98,9 +99,10 @@ clf = DQRouteClassifier(max_epochs=5, batch_size=256, device="cuda", random_stat
 clf.fit(X_tr, y_tr)
 proba = clf.predict_proba(X_te)
 acc = float((proba.argmax(1) == y_te).mean())
-ok = np.isfinite(proba).all() and np.allclose(proba.sum(1), 1, atol=1e-4) and acc > 0.3
-print(f"DQRoute on CUDA, 5 epochs: test accuracy {acc:.3f}, probabilities finite and "
-      f"normalised: {ok}")
+majority = float(np.bincount(y_te).max() / len(y_te))
+ok = np.isfinite(proba).all() and np.allclose(proba.sum(1), 1, atol=1e-4) and acc > majority
+print(f"DQRoute on CUDA, 5 epochs: test accuracy {acc:.3f} (majority class {majority:.3f}), "
+      f"probabilities finite and normalised: {ok}")
 raise SystemExit(0 if ok else 1)
 PY
 
