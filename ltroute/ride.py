@@ -564,7 +564,8 @@ class RIDEClassifier(LongTailNet):
         ``router_batch_size`` drawn by the class-balanced sampler and collated by the
         training loader's ``collate_fn`` (so an ``iterator_train__collate_fn`` augmentation
         such as :class:`~ltroute.augmentation.ImageAugmentation` applies to the router as
-        to stage 1), every expert recomputed on each batch with BatchNorm in eval mode
+        to stage 1, and so does the ``augmentation`` parameter, applied on the training
+        device as in stage 1), every expert recomputed on each batch with BatchNorm in eval mode
         (frozen statistics, exactly the test-time network).
 
         The router can only learn to add experts from training samples on which a prefix
@@ -597,7 +598,7 @@ class RIDEClassifier(LongTailNet):
                 self._set_training(False)  # frozen network, BatchNorm in eval mode
                 router.train()
                 with torch.no_grad():
-                    shared = net.shared(to_tensor(Xb, device=self.device))
+                    shared = net.shared(self._router_inputs(Xb))
                     features = torch.stack([net.expert_features(shared, k)
                                             for k in range(net.n_experts)], dim=1)
                     logits = torch.stack([net.expert_logits(features[:, k], k)
@@ -620,6 +621,17 @@ class RIDEClassifier(LongTailNet):
                       f"weighted BCE {losses[-1]:.4f}")
         router.eval()
         self.router_losses_ = np.asarray(losses)
+
+    def _router_inputs(self, X) -> torch.Tensor:
+        """One stage-2 batch as stage 1's training step feeds the network: the
+        ``augmentation`` parameter's transform on the training device (the inputs are
+        already normalised, as in stage 1, and padding takes a zero pixel's normalised
+        value) and the ``channels_last`` layout."""
+        X = (self._augment_batch(X) if self.augmentation is not None
+             else to_tensor(X, device=self.device))
+        if self.channels_last and X.ndim == 4:
+            X = X.contiguous(memory_format=torch.channels_last)
+        return X
 
     # ------------------------------------------------------------ inference
     def _routing(self) -> bool:

@@ -424,3 +424,46 @@ def test_ride_beats_cross_entropy_on_letter_lt(letter):
                           class_counts=letter.class_counts)["overall"]
     assert ride.route(X_test).mean() < 1.5
     assert ride_acc["overall"] >= full - 0.012
+
+
+def test_router_trains_on_the_augmented_normalised_stream(monkeypatch):
+    """With ``augmentation="cifar"`` and ``normalize="auto"``, stage 2 feeds the frozen
+    network the same stream as stage 1: normalised, then cropped and flipped (issue 12),
+    not the clean training images."""
+    from ltroute.nn import ExpertNet
+
+    rng = np.random.RandomState(0)
+    X = rng.rand(60, 3, 8, 8).astype(np.float32) * 4 + 2  # far from mean 0, std 1
+    y = np.repeat([0, 1, 2], [36, 16, 8])
+    in_stage_two, seen = [], []
+    fit_router, shared = RIDEClassifier._fit_router, ExpertNet.shared
+
+    def spy_fit_router(self, *args):
+        in_stage_two.append(True)
+        try:
+            return fit_router(self, *args)
+        finally:
+            in_stage_two.clear()
+
+    def spy_shared(self, x):
+        if in_stage_two:
+            seen.append(x.detach().clone())
+        return shared(self, x)
+
+    monkeypatch.setattr(RIDEClassifier, "_fit_router", spy_fit_router)
+    monkeypatch.setattr(ExpertNet, "shared", spy_shared)
+    clf = RIDEClassifier(backbone="convnet", max_epochs=1, batch_size=32, router_epochs=2,
+                         router_batch_size=32, normalize="auto", augmentation="cifar",
+                         random_state=0, device="cpu").fit(X, y)
+    assert len(seen) == 2 * 2  # two router epochs of two batches each
+    mean = clf.normalize_mean_.reshape(1, 3, 1, 1)
+    std = clf.normalize_std_.reshape(1, 3, 1, 1)
+    clean = torch.as_tensor((X - mean) / std)
+    fill = torch.as_tensor(-clf.normalize_mean_ / clf.normalize_std_)
+    inputs = torch.cat(seen)
+    # Crop and flip move normalised pixels (or pad with a zero pixel's normalised value).
+    for c in range(3):
+        values = torch.cat([clean[:, c].flatten(), fill[c:c + 1]])
+        assert torch.isin(inputs[:, c], values).all()
+    unchanged = [any(torch.equal(x, ref) for ref in clean) for x in inputs]
+    assert sum(unchanged) < len(inputs) / 4  # augmented, not the clean images
