@@ -30,6 +30,10 @@ its strides: no ``.contiguous()`` copy is ever made.
 Non-finite logits follow the reference: the log-sum-exp shift is a NaN-propagating max,
 so an expert's energy is exact (NaN if its region holds a NaN, ``-inf`` for ``+inf``), and
 a NaN or ``+inf`` where an active expert covers makes the row's ``P``/``log P`` NaN.
+A ``-inf`` logit rules its class out: ``P = 0`` there, and with ``combine="logit"`` the
+class's combined logit is ``-inf`` (only experts with ``W_k > 0`` enter the sum) while
+it is left out of the weights' gradient (``sum_c M Z G``, ``sum_c M Z P`` use 0 for it),
+so every gradient stays finite and equal to the reference's.
 
 Cost (read offline, without a GPU)
 ----------------------------------
@@ -216,8 +220,32 @@ def _responsibilities(terms, log_p, contrib):
 
 @triton.jit
 def _weighted_logits(z, contrib, w):
-    """``s_c = sum_k W_k M_kc Z_kc`` of one tile for ``combine="logit"``."""
-    return tl.sum(w[:, None] * tl.where(contrib, z, 0.0), axis=0)
+    """``s_c = sum_k W_k M_kc Z_kc`` of one tile for ``combine="logit"``.
+
+    Only experts with ``W_k > 0`` enter the sum, so a ``-inf`` logit makes its class
+    ``-inf`` (as in the reference) and never meets a zero weight (``0 * -inf = NaN``).
+    """
+    return tl.sum(w[:, None] * tl.where(contrib & (w > 0)[:, None], z, 0.0), axis=0)
+
+
+@triton.jit
+def _finite_below(z, contrib):
+    """``M_kc Z_kc`` with ``-inf`` logits replaced by 0, for the weights' gradient.
+
+    A ``-inf`` logit rules its class out (``P_c = 0``): like the reference, it must not
+    enter ``sum_c M Z G`` / ``sum_c M Z P`` as ``-inf * 0 = NaN``.
+    """
+    return tl.where(contrib & (z > float("-inf")), z, 0.0)
+
+
+@triton.jit
+def _live_class_grad(g, log_p):
+    """``G_c`` with 0 for classes ruled out by a ``-inf`` logit (``log P_c = -inf``).
+
+    The reference masks such a class after the combination, so no gradient flows through
+    it into the weights or the other experts' logits of that class.
+    """
+    return tl.where(log_p > float("-inf"), g, 0.0)
 
 
 @triton.jit
@@ -277,7 +305,7 @@ def _grad_block(z, valid, contrib, g, log_p, terms, w, m_t, d_t, m_1, d_1,
                 p_1 = tl.where(contrib, q, 0.0)
             dz += g[None, :] * resp - p_1 * red_prob[:, None]
         else:
-            grad_s = g - tl.exp(log_p) * sum_g
+            grad_s = _live_class_grad(g, log_p) - tl.exp(log_p) * sum_g
             dz += tl.where(contrib, w[:, None] * grad_s[None, :], 0.0)
     return dz
 
@@ -564,8 +592,8 @@ def _fusion_bwd_kernel(
                 resp = _responsibilities(terms, log_p, contrib)
                 red_prob += tl.sum(resp * g[None, :], axis=1)
             else:
-                zm = tl.where(contrib, z, 0.0)
-                red_zg += tl.sum(zm * g[None, :], axis=1)
+                zm = _finite_below(z, contrib)
+                red_zg += tl.sum(zm * _live_class_grad(g, log_p)[None, :], axis=1)
                 red_zp += tl.sum(zm * tl.exp(log_p)[None, :], axis=1)
                 sum_g += tl.sum(g, axis=0)
         else:
@@ -591,8 +619,8 @@ def _fusion_bwd_kernel(
                     resp = _responsibilities(terms, log_p, contrib)
                     red_prob += tl.sum(resp * g[None, :], axis=1)
                 else:
-                    zm = tl.where(contrib, z, 0.0)
-                    red_zg += tl.sum(zm * g[None, :], axis=1)
+                    zm = _finite_below(z, contrib)
+                    red_zg += tl.sum(zm * _live_class_grad(g, log_p)[None, :], axis=1)
                     red_zp += tl.sum(zm * tl.exp(log_p)[None, :], axis=1)
                     sum_g += tl.sum(g, axis=0)
 

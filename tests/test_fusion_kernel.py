@@ -272,8 +272,9 @@ def test_nan_and_inf_logits_match_reference(weighting, combine, block, T, block_
     A NaN or +inf where an active expert covers makes the row's ``P`` and ``log P`` NaN
     (never a plausible probability); energies are exact (``-inf`` for ``+inf``, NaN for
     NaN); entries outside every active region change nothing. Gradients match in the rows
-    whose region logits are finite (a row with a NaN energy, even of an inactive expert,
-    has an unspecified gradient, and so has a ``-inf`` logit under ``combine="logit"``).
+    whose region logits are not NaN or ``+inf`` (a row with a NaN energy, even of an
+    inactive expert, has an unspecified gradient); a ``-inf`` logit (row 5) is compared
+    everywhere, its own entry included.
     """
     block_c(block)
     g = torch.Generator().manual_seed(29)
@@ -298,12 +299,45 @@ def test_nan_and_inf_logits_match_reference(weighting, combine, block, T, block_
         expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
         assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
     assert torch.isnan(tri.probs[:3]).all() and torch.isfinite(tri.probs[3:]).all()
-    clean = [4, 6]
+    clean = [4, 5, 6]
     upstream = torch.randn(7, 5, generator=g)
     (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
     (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
-    ok = torch.isfinite(Z)
+    assert torch.isfinite(grad_tri[5]).all()
+    ok = torch.isfinite(Z) | (Z == -torch.inf)
     _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+
+
+@interpreter_test
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("block", [None, 2])
+@pytest.mark.parametrize("T", [1.0, 1.5])
+def test_logit_combination_with_minus_inf_logits_matches_reference(weighting, block, T,
+                                                                    block_c):
+    """``combine="logit"`` with ``-inf`` logits inside active regions: the class is ruled
+    out (``P = 0``), outputs and every gradient are finite and match the reference, in the
+    single-tile (``block=None``) and tiled (``block=2``) kernels alike, with upstream
+    gradients for all four outputs (the log P of a ruled-out class gets none)."""
+    block_c(block)
+    Z, region, sample = make_case(5, 3, 7, seed=31)
+    region[:, :] = True
+    sample[:, :] = True
+    sample[3, 2] = False
+    Z[0, 1, 2] = -torch.inf  # the case of tests/test_reliability.py
+    Z[1, 0, 5] = -torch.inf
+    Z[1, 2, 5] = -torch.inf  # two experts rule out the same class
+    Z[2, 0, 0] = -torch.inf
+    Z[2, 1, 6] = -torch.inf  # two classes of one row, in different tiles
+    Z[3, 2, 3] = -torch.inf  # inactive expert: changes nothing
+    compare(Z, region, sample, combine="logit", weighting=weighting, energy_temperature=T)
+    z_tri = Z.clone().requires_grad_()
+    out = fuse_experts(z_tri, region_mask=region, sample_mask=sample, combine="logit",
+                       weighting=weighting, energy_temperature=T, return_log_probs=True,
+                       backend="triton")
+    assert out.probs[0, 2] == 0 and out.probs[1, 5] == 0 and out.probs[2, 6] == 0
+    assert torch.isfinite(out.probs[3]).all() and (out.probs[3] > 0).all()
+    (-out.log_probs[:, 1].sum()).backward()
+    assert torch.isfinite(z_tri.grad).all()
 
 
 @interpreter_test
