@@ -132,8 +132,10 @@ def fuse_experts_reference(
         # logit makes its class -inf in the combination (weight > 0) without entering the
         # product: d(w * z)/dw = z = -inf would turn the class's zero probability into a NaN
         # gradient for the weights (and through them every logit of the row).
-        neg_inf = (z == float("-inf")) & contributes & (weights.unsqueeze(2) > 0)
-        finite_z = z.masked_fill(~contributes | neg_inf, 0.0)
+        is_neg_inf = z == float("-inf")
+        neg_inf = is_neg_inf & contributes & (weights.unsqueeze(2) > 0)
+        # An expert whose weight underflowed to 0 adds nothing, its -inf included.
+        finite_z = z.masked_fill(~contributes | is_neg_inf, 0.0)
         combined = (weights.unsqueeze(2) * finite_z).sum(dim=1)
         combined = combined.masked_fill(neg_inf.any(dim=1), float("-inf"))
         log_probs = torch.log_softmax(combined, dim=1)
