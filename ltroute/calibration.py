@@ -77,7 +77,9 @@ def fit_temperature(
         that of ``softmax(log_proba / T + b + o)``. Used when the probabilities are
         posteriors under a prior other than the held-out samples' one (``o = log
         pi_held_out - log pi_source``), so that ``T`` and ``b`` calibrate them under
-        their own prior.
+        their own prior. ``-inf`` marks a class absent from the data (held-out prior 0):
+        it takes no probability during the fit and its bias, which the data cannot
+        determine, is set to the mean of the others.
 
     Returns
     -------
@@ -95,6 +97,12 @@ def fit_temperature(
         raise ValueError("log_proba must be finite to fit a temperature.")
     rows = np.arange(n)
     shift = np.zeros(n_classes) if offset is None else np.asarray(offset, dtype=np.float64)
+    if shift.shape != (n_classes,) or np.any(np.isnan(shift)) or np.any(shift == np.inf):
+        raise ValueError(f"offset must have shape ({n_classes},) with no NaN or +inf.")
+    if np.any(y < 0) or np.any(y >= n_classes):
+        raise ValueError(f"y must hold encoded labels 0 .. {n_classes - 1}.")
+    if not np.all(np.isfinite(shift[y])):
+        raise ValueError("offset is -inf for a class that occurs in y.")
 
     def nll(params: np.ndarray) -> tuple[float, np.ndarray]:
         inv_t = np.exp(params[0])
@@ -114,7 +122,14 @@ def fit_temperature(
     bounds = [(-_LOG_INV_T_BOUND, _LOG_INV_T_BOUND)] + [(None, None)] * (len(x0) - 1)
     result = minimize(nll, x0, jac=True, method="L-BFGS-B", bounds=bounds)
     params = result.x
-    biases = params[1:] - params[1:].mean() if bias else np.zeros(n_classes)
+    biases = np.zeros(n_classes)
+    if bias:
+        # A class with offset -inf (prior 0 in the data) has no likelihood term: its
+        # bias is not identified and gets the mean of the others (a neutral value).
+        free = np.isfinite(shift)
+        biases = params[1:].copy()
+        biases[~free] = biases[free].mean()
+        biases -= biases.mean()
     return float(np.exp(-params[0])), biases
 
 

@@ -55,6 +55,7 @@ from ltroute.calibration import (
 
 __all__ = [
     "PriorCorrectedClassifier",
+    "UncalibratedEstimateWarning",
     "check_prior",
     "estimate_target_prior",
     "prior_correction",
@@ -64,6 +65,12 @@ __all__ = [
 PRIOR_FLOOR = 1e-8
 
 _NAMED_PRIORS = ("uniform", "train", "estimate")
+
+
+class UncalibratedEstimateWarning(UserWarning):
+    """Warning raised when ``target_prior="estimate"`` runs EM on probabilities that
+    were never calibrated on held-out data (an ltroute estimator before its
+    ``calibrate``): the estimate can then drift far from the true prior."""
 
 
 def check_prior(
@@ -251,15 +258,29 @@ def estimate_target_prior(
     >>> prior.round(2)  # 3 of 4 look like class 0, but 10% of class 1 would too
     array([0.81, 0.19])
     """
+    _check_em_params(max_iter, tol)
+    log_p = as_log_proba(proba)
+    if len(log_p) == 0:
+        raise ValueError("estimate_target_prior needs at least one sample.")
+    return _em_prior(log_p, source_prior, max_iter=max_iter, tol=tol)
+
+
+def _check_em_params(max_iter: Any, tol: Any) -> None:
     for name, value, kind in (
         ("max_iter", max_iter, numbers.Integral),
         ("tol", tol, numbers.Real),
     ):
         if isinstance(value, bool) or not isinstance(value, kind) or not value >= 0:
             raise ValueError(f"{name} must be a non-negative number; got {value!r}.")
-    log_p = as_log_proba(proba)
-    if len(log_p) == 0:
-        raise ValueError("estimate_target_prior needs at least one sample.")
+
+
+def _em_prior(
+    log_proba: np.ndarray, source_prior: ArrayLike, *, max_iter: int, tol: float
+) -> tuple[np.ndarray, int]:
+    """EM of :func:`estimate_target_prior` on log-probabilities (finite or ``-inf``,
+    renormalised here), without the exp/log round trip; the one implementation."""
+    log_p = np.maximum(np.asarray(log_proba, dtype=np.float64),
+                       np.log(np.finfo(np.float64).tiny))
     source = np.asarray(source_prior, dtype=np.float64)
     if source.shape != (log_p.shape[1],) or not np.all(source > 0):
         raise ValueError(f"source_prior must be positive with shape ({log_p.shape[1]},).")
@@ -492,13 +513,17 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
             if target == "train":
                 return self.train_prior_
             if target == "estimate":
-                return estimate_target_prior(
-                    np.exp(log_proba),
-                    source_prior=self.train_prior_,
-                    max_iter=self.em_max_iter,
-                    tol=self.em_tol,
-                )[0]
+                return self._estimate(log_proba)
         return check_prior(target, self.classes_, name="target_prior")
+
+    def _estimate(self, log_proba: np.ndarray) -> np.ndarray:
+        """EM estimate of the target prior from calibrated log-probabilities."""
+        if len(log_proba) == 0:
+            raise ValueError("target_prior='estimate' needs at least one sample.")
+        _check_em_params(self.em_max_iter, self.em_tol)
+        return _em_prior(
+            log_proba, self.train_prior_, max_iter=self.em_max_iter, tol=self.em_tol
+        )[0]
 
     def estimate_prior(self, X) -> np.ndarray:
         """EM estimate of the class prior of the unlabelled batch ``X``.
@@ -513,13 +538,7 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
         ndarray of shape (n_classes,)
             Aligned with ``classes_``; sums to one; no zeros.
         """
-        log_proba = self._calibrated_log_proba(X)
-        return estimate_target_prior(
-            np.exp(log_proba),
-            source_prior=self.train_prior_,
-            max_iter=self.em_max_iter,
-            tol=self.em_tol,
-        )[0]
+        return self._estimate(self._calibrated_log_proba(X))
 
     def predict_log_proba(self, X) -> np.ndarray:
         """Prior-corrected log-probabilities, columns aligned with ``classes_``."""

@@ -74,6 +74,27 @@ def test_fit_temperature_rejects_bad_input():
         fit_temperature([[0.0, 1.0]], [0, 1])
     with pytest.raises(ValueError, match="cv"):
         TemperatureScaling(LogisticRegression(), cv=1).fit([[0.0], [1.0]], [0, 1])
+    with pytest.raises(ValueError, match="encoded labels"):
+        fit_temperature([[0.0, 1.0]], [2])
+    with pytest.raises(ValueError, match="offset must have shape"):
+        fit_temperature([[0.0, 1.0]], [0], offset=[0.0, np.nan])
+    with pytest.raises(ValueError, match="-inf for a class that occurs"):
+        fit_temperature([[0.0, 1.0]], [0], offset=[-np.inf, 0.0])
+
+
+def test_fit_temperature_with_an_absent_class_gives_it_a_neutral_bias():
+    """Offset -inf (the class has prior 0 in the data): the fit equals the fit on the
+    other classes alone, and the absent class gets their mean bias."""
+    rng = np.random.RandomState(4)
+    z = 2.0 * rng.randn(3000, 4)
+    p = np.exp(log_softmax(z[:, :3] + [0.5, 0.0, -0.5], axis=1))
+    y = np.array([rng.choice(3, p=row) for row in p])
+    t, b = fit_temperature(z, y, bias=True, offset=[0.0, 0.0, 0.0, -np.inf])
+    t3, b3 = fit_temperature(z[:, :3], y, bias=True)
+    assert t == pytest.approx(t3, rel=1e-4)
+    assert_allclose(b[:3] - b[:3].mean(), b3, atol=1e-4)
+    assert b[3] == pytest.approx(b[:3].mean(), abs=1e-12)
+    assert b.mean() == pytest.approx(0.0, abs=1e-12)
 
 
 @parametrize_with_checks([TemperatureScaling(LogisticRegression(), cv=3)])
