@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from numbers import Integral, Real
 from typing import Any
@@ -27,7 +28,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
 from skorch.dataset import get_len, unpack_data
@@ -61,12 +62,12 @@ from ltroute._validation import (
     writable,
 )
 from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
-from ltroute.calibration import as_log_proba
+from ltroute.calibration import apply_temperature, as_log_proba, fit_temperature
 from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import BACKBONES, ExpertNet
-from ltroute.prior import check_prior, estimate_target_prior, prior_correction
+from ltroute.prior import UncalibratedEstimateWarning, _em_prior, check_prior, prior_correction
 from ltroute.schedules import StepWarmupSchedule, default_drw_epoch
 
 __all__ = ["LongTailNet"]
@@ -240,6 +241,8 @@ class LongTailNet(NeuralNetClassifier):
             X = self._normalized_array(X)
             train_X = with_sample_weight(X, sample_weight)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        for name in ("calibration_temperature_", "calibration_biases_"):  # of the old network
+            self.__dict__.pop(name, None)
         with self._runtime(seed=seed):
             if not continuing:
                 self.initialize()
@@ -694,24 +697,40 @@ class LongTailNet(NeuralNetClassifier):
         return self._apply_target_prior(probs)
 
     def _apply_target_prior(self, probs: np.ndarray) -> np.ndarray:
-        """Correct the fused probabilities (posteriors under the uniform prior) to
-        ``target_prior``; ``"uniform"`` returns them untouched."""
+        """Calibrate the fused probabilities (posteriors under the uniform prior) when
+        :meth:`calibrate` was called, then correct them to ``target_prior``; an
+        uncalibrated estimator with ``"uniform"`` returns them untouched."""
         target = self.target_prior
-        if isinstance(target, str) and target == "uniform":
+        calibrated = "calibration_temperature_" in self.__dict__
+        if isinstance(target, str) and target == "uniform" and not calibrated:
             return probs
         validate_parameter_constraints(
             {"target_prior": self._parameter_constraints["target_prior"]},
             {"target_prior": target}, caller_name=type(self).__name__)
         n_classes = len(self.classes_)
         uniform = np.full(n_classes, 1.0 / n_classes)
-        if isinstance(target, str) and target == "train":
+        log_probs = as_log_proba(probs)
+        if calibrated:
+            log_probs = apply_temperature(log_probs, self.calibration_temperature_,
+                                          self.calibration_biases_)
+        if isinstance(target, str) and target == "uniform":
+            target = uniform
+        elif isinstance(target, str) and target == "train":
             target = self.class_counts_ / self.class_counts_.sum()
         elif isinstance(target, str):  # "estimate"
-            target = estimate_target_prior(probs, source_prior=uniform)[0]
+            if not calibrated:
+                warnings.warn(
+                    f"{type(self).__name__}: target_prior='estimate' runs EM on "
+                    "uncalibrated probabilities, which can drift far from the true prior "
+                    "and cost accuracy. Call calibrate(X_held_out, y_held_out) on labelled "
+                    "data the network was not trained on (e.g. a split of the training "
+                    "data) first, or wrap the estimator in PriorCorrectedClassifier("
+                    "estimator, train_prior='uniform', calibration='temperature').",
+                    UncalibratedEstimateWarning, stacklevel=3)
+            target = _em_prior(log_probs, uniform, max_iter=100, tol=1e-6)[0]
         else:
             target = check_prior(target, self.classes_, name="target_prior")
-        log_probs = prior_correction(as_log_proba(probs), source_prior=uniform,
-                                     target_prior=target)
+        log_probs = prior_correction(log_probs, source_prior=uniform, target_prior=target)
         return np.exp(log_probs).astype(probs.dtype)
 
     def predict(self, X) -> np.ndarray:
@@ -754,6 +773,83 @@ class LongTailNet(NeuralNetClassifier):
                                  "unless X is a dataset of (image, label) items.")
             y = labels
         return float(accuracy_score(y, self.predict(X), sample_weight=sample_weight))
+
+    def calibrate(self, X, y=None, *, method="temperature"):
+        """Calibrate the probabilities on held-out labelled data (for ``target_prior``).
+
+        Fits a temperature ``T`` (and, with ``method="bcts"``, one bias ``b_c`` per
+        class) by maximum likelihood on the network's fused log-probabilities of ``X``
+        (:func:`ltroute.calibration.fit_temperature`). From then on ``predict_proba``
+        returns ``softmax(log p(y|x) / T + b)`` corrected to ``target_prior``: the
+        order of operations is network -> calibration -> prior correction, as in
+        :class:`~ltroute.PriorCorrectedClassifier`. ``target_prior="estimate"`` needs
+        it: EM (Saerens et al. 2002) assumes calibrated posteriors, and on an
+        uncalibrated network it can drift (it then warns). A temperature alone never
+        changes ``predict`` under ``target_prior="uniform"``; biases can.
+
+        ``X, y`` must be samples the network was *not* trained on (e.g. a stratified
+        split of the training data held out from ``fit``); they may follow any class
+        distribution: the fit adds the fixed offset ``log pi_y - log(1 / n_classes)``
+        (``pi_y``: the class frequencies of ``y``), so the calibrated probabilities stay
+        posteriors under the uniform prior that ``target_prior`` corrects. A class
+        absent from ``y`` keeps a neutral bias. ``fit`` discards the calibration (it
+        belongs to the trained network); ``clone`` does not copy it; pickling keeps it.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W), or Dataset
+            Held-out samples, the same kind of input as in ``fit``.
+        y : array-like of shape (n_samples,) or None
+            Their labels, classes of ``classes_``; ``None`` only with a Dataset ``X``,
+            whose labels are used.
+        method : {"temperature", "bcts"}, default="temperature"
+            ``"temperature"``: ``T`` only (Guo et al. 2017); ``"bcts"``: ``T`` and
+            per-class biases (Alexandari et al. 2020), which need many held-out samples
+            of every class (measured on MNIST-LT with 309 held-out images, 1 to 125 per
+            class: ``"bcts"`` cost 1.4 points on a uniform test set, ``"temperature"``
+            none; ``benchmarks/label_shift.py --calibrate``).
+
+        Returns
+        -------
+        self : object
+            With ``calibration_temperature_`` and ``calibration_biases_`` set.
+
+        Raises
+        ------
+        ValueError
+            For an unknown ``method``, labels that are not classes of the estimator, a
+            ``y`` of another length than ``X``, or any input ``predict`` rejects. Nothing
+            is changed then.
+        """
+        check_is_fitted(self, ["module_", "classes_"])
+        name = type(self).__name__
+        if not isinstance(method, str) or method not in ("temperature", "bcts"):
+            raise ValueError(f"{name}.calibrate: method must be 'temperature' or 'bcts'; "
+                             f"got {method!r}.")
+        if y is None:
+            y = dataset_labels(X) if is_dataset_input(X) else None
+            if y is None:
+                raise ValueError(f"{name}.calibrate needs y (the true labels) unless X is "
+                                 "a dataset of (image, label) items.")
+        y = column_or_1d(np.asarray(y))
+        check_classification_targets(y)
+        index = {label: code for code, label in enumerate(self.classes_.tolist())}
+        unknown = sorted({label for label in y.tolist() if label not in index}, key=str)
+        if unknown:
+            raise ValueError(f"{name}.calibrate: y has labels that are not classes of the "
+                             f"estimator: {unknown}; classes are {self.classes_.tolist()}.")
+        codes = np.array([index[label] for label in y.tolist()], dtype=np.intp)
+        log_probs = as_log_proba(self._fused_outputs(X)[0].numpy())
+        if len(log_probs) != len(codes):
+            raise ValueError(f"{name}.calibrate: X has {len(log_probs)} samples but y has "
+                             f"{len(codes)} labels.")
+        counts = np.bincount(codes, minlength=len(self.classes_))
+        with np.errstate(divide="ignore"):
+            offset = np.log(counts / counts.sum()) + np.log(len(counts))
+        temperature, biases = fit_temperature(log_probs, codes, bias=method == "bcts",
+                                              offset=offset)
+        self.calibration_temperature_, self.calibration_biases_ = temperature, biases
+        return self
 
     # ------------------------------------------------------------- plumbing
     @property

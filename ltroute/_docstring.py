@@ -121,13 +121,15 @@ _training_parameters = """module : type, default=ExpertNet
         fused probabilities are treated as posteriors under the *uniform* prior (what
         the balancing losses and routers train for) and corrected by Bayes' rule,
         ``p_t(y|x) proportional to p(y|x) pi_t(y)`` (:mod:`ltroute.prior`):
-        ``"uniform"`` is no correction (bit for bit the network's output);
+        ``"uniform"`` is no correction (bit for bit the network's output, or its
+        calibrated probabilities after :meth:`calibrate`);
         ``"train"`` the training distribution (``class_counts_``); ``"estimate"`` the
-        prior of each batch given to ``predict``, estimated by EM (Saerens et al. 2002)
-        on the *uncalibrated* fused probabilities — overconfident networks can make it
-        drift (measured: ``benchmarks/results/label_shift.md``); for EM on calibrated
-        probabilities wrap the estimator in :class:`~ltroute.PriorCorrectedClassifier`
-        with ``train_prior="uniform", calibration="temperature"``; or
+        prior of each batch given to ``predict``, estimated by EM (Saerens et al. 2002;
+        the batch must be large and representative) on the probabilities calibrated by
+        :meth:`calibrate` on held-out labelled data — call it first: on uncalibrated
+        probabilities EM can drift and cost accuracy even on a uniform test set (an
+        :class:`~ltroute.prior.UncalibratedEstimateWarning` says so; measured:
+        ``benchmarks/results/label_shift.md``); or
         weights per class (an array aligned with ``classes_`` or a mapping over all
         classes). Used at prediction only: ``set_params`` after ``fit`` changes it
         without refitting. For ``loss="ce"`` / ``"focal"`` without DRW the network
@@ -179,6 +181,10 @@ _fitted_attributes = """classes_ : ndarray of shape (n_classes,)
 
     normalize_mean_, normalize_std_ : ndarray of shape (n_channels,) or None
         The normalisation applied to the inputs (``normalize``); ``None`` without.
+
+    calibration_temperature_, calibration_biases_ : float, ndarray of shape (n_classes,)
+        Temperature and per-class biases fitted by :meth:`calibrate` (absent until it is
+        called; discarded by ``fit``).
 
     module_ : ExpertNet
         The trained network.
