@@ -90,8 +90,25 @@ def resolve_device(device: str | torch.device | None) -> str | None:
 _PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+#: DataLoader arguments that say how batches are loaded, not which ones nor how they are
+#: collated (``persistent_workers`` is left out: the passes over the training fold inside
+#: ``fit`` each make one loader and iterate it once).
+_LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
+                             "prefetch_factor", "multiprocessing_context", "worker_init_fn",
+                             "timeout", "in_order"})
+
+
 def _never(_estimator: Any) -> bool:
     return False
+
+
+def _batch_len(batch: Any) -> int:
+    """Number of samples in a batch ``(X, y)`` (skorch's ``get_len`` on ``X``; a
+    tensor's first dimension directly)."""
+    X = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(X, torch.Tensor) and X.ndim > 0:
+        return X.shape[0]
+    return get_len(X)
 
 
 class LongTailNet(NeuralNetClassifier):
@@ -229,6 +246,7 @@ class LongTailNet(NeuralNetClassifier):
                              f"got {classes.tolist()} after {self.classes_.tolist()}.")
         self.classes_ = classes
         self.class_counts_ = np.bincount(y_encoded, minlength=len(classes)).astype(np.int64)
+        self.__dict__.pop("_count_statistics", None)  # computed from the previous counts
         self.input_shape_ = tuple(int(s) for s in input_shape)
         self._check_augmentation()
         if not continuing:
@@ -328,8 +346,8 @@ class LongTailNet(NeuralNetClassifier):
         if self.normalize == "auto":
             if is_dataset_input(X):
                 # One pass through the validation loader (its workers), RNG untouched.
-                loader = self.get_iterator(TrainingDataset(X, y_encoded, self.input_shape_),
-                                           training=False)
+                loader = self._training_fold_iterator(
+                    TrainingDataset(X, y_encoded, self.input_shape_))
                 with torch.random.fork_rng(devices=[]):
                     mean, std = dataset_channel_statistics(batch[0] for batch in loader)
             else:
@@ -485,6 +503,8 @@ class LongTailNet(NeuralNetClassifier):
         Accelerate asks for skorch's own loader."""
         prefix = "iterator_train" if training else "iterator_valid"
         kwargs = self.get_params_for(prefix)
+        if not training and self.__dict__.get("_loading_like_training"):
+            kwargs = self._training_loading_params() | kwargs
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
         if training:
@@ -492,18 +512,36 @@ class LongTailNet(NeuralNetClassifier):
             kwargs.setdefault("shuffle", True)
             if "drop_last" not in kwargs and len(dataset) > 1:
                 kwargs["drop_last"] = len(dataset) % kwargs["batch_size"] == 1
-        else:
-            kwargs.setdefault("shuffle", False)
         iterator = self.iterator_train if training else self.iterator_valid
         arrays = None
         if (iterator is torch.utils.data.DataLoader and not hasattr(self, "accelerator")
                 and not {"collate_fn", "sampler", "batch_sampler"} & set(kwargs)):
             arrays = array_batches(dataset)
         if arrays is not None:
-            return batch_loader(iterator, arrays, **kwargs)
-        if not training:
-            return super().get_iterator(dataset, training=False)
+            return batch_loader(iterator, arrays, **({"shuffle": False} | kwargs))
         return iterator(dataset, **kwargs)
+
+    def _training_fold_iterator(self, dataset):
+        """In-order inference batches over the training fold, for the passes inside
+        ``fit`` (``normalize="auto"`` statistics, BatchNorm recalibration, the
+        convergence check): :meth:`get_iterator` with ``training=False``, loading like
+        the training iterator (its ``num_workers``, ``pin_memory``, ...) unless
+        ``iterator_valid__*`` sets how to load. Otherwise a dataset that trains with
+        workers would be decoded in the main process, one item after the other, on
+        each of these passes."""
+        self.__dict__["_loading_like_training"] = True
+        try:
+            return self.get_iterator(dataset, training=False)
+        finally:
+            self.__dict__.pop("_loading_like_training", None)
+
+    def _training_loading_params(self) -> dict[str, Any]:
+        """``iterator_train__*`` parameters that say how batches are loaded (not which
+        ones, nor how they are collated), when ``iterator_valid__*`` sets none of them."""
+        if _LOADING_PARAMS & set(self.get_params_for("iterator_valid")):
+            return {}
+        return {key: value for key, value in self.get_params_for("iterator_train").items()
+                if key in _LOADING_PARAMS}
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Method loss on expert logits in training (weighted by ``fit``'s
@@ -583,8 +621,7 @@ class LongTailNet(NeuralNetClassifier):
             step = step_fn(batch, **fit_params)
             losses.append(step["loss"].detach())
             self.history.record_batch(key, losses[-1])
-            size = get_len(batch[0]) if isinstance(batch, (tuple, list)) else get_len(batch)
-            self.history.record_batch(prefix + "_batch_size", size)
+            self.history.record_batch(prefix + "_batch_size", _batch_len(batch))
             self.notify("on_batch_end", batch=batch, training=training, **step)
         if losses:
             values = torch.stack(losses).float().cpu().tolist()
@@ -592,6 +629,17 @@ class LongTailNet(NeuralNetClassifier):
             for entry, value in zip(batches[-len(values):], values, strict=True):
                 entry[key] = value
         self.history.record(prefix + "_batch_count", len(losses))
+
+    def _set_training(self, training=True):
+        """skorch's ``_set_training``, skipped for a network (or criterion) whose modules
+        all are in that mode already: ``Module.train`` walks and re-sets every submodule,
+        which skorch does on every batch and costs as much as a small network's
+        optimiser step; checking the flags costs a quarter of it."""
+        for name in self._modules + self._criteria:
+            module = getattr(self, name + "_")
+            if isinstance(module, torch.nn.Module) and any(
+                    m.training != training for m in module.modules()):
+                module.train(training)
 
     def infer(self, x, **fit_params):
         """skorch's ``infer`` on the batch's inputs (without ``fit``'s sample weights);
@@ -652,7 +700,19 @@ class LongTailNet(NeuralNetClassifier):
             drw_epoch = default_drw_epoch(self.max_epochs)
         if drw_epoch is None or self.current_epoch_ <= drw_epoch:
             return None
-        return effective_number_weights(self.class_counts_, beta=beta).to(self.device)
+        return self._count_statistic(effective_number_weights, self.device, beta=beta)
+
+    def _count_statistic(self, function, device, **kwargs) -> torch.Tensor:
+        """``function(class_counts_, **kwargs)`` on ``device`` (LDAM margins, class
+        priors, DRW weights, RIDE's temperatures), computed once per fit and device
+        rather than on every batch: a training loss reads it, unchanged, at each step.
+        Not pickled (it may live on a GPU)."""
+        key = (function, device, *sorted(kwargs.items()))
+        cache = self.__dict__.setdefault("_count_statistics", {})
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = function(self.class_counts_, **kwargs).to(device)
+        return value
 
     # --------------------------------------------------------------- inference
     def _fused_outputs(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -879,6 +939,12 @@ class LongTailNet(NeuralNetClassifier):
         # skorch lists every attribute without a trailing underscore, which leaks
         # private state (``_params_to_validate``) into get_params.
         return [name for name in super()._get_param_names() if not name.startswith("_")]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in ("_count_statistics", "_augment_fill"):  # caches, possibly on a GPU
+            state.pop(name, None)
+        return state
 
     def __setstate__(self, state):
         requested = state["device"]

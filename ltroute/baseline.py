@@ -178,10 +178,10 @@ class LongTailClassifier(LongTailNet):
         if self.loss == "focal":
             return focal_loss(z, y, gamma=self.focal_gamma, **weights)
         if self.loss == "ldam":
-            margins = ldam_margins(self.class_counts_, max_margin=self.ldam_max_margin)
-            return ldam_loss(z, y, margins=margins.to(z.device), scale=self.head_scale,
-                             **weights)
-        log_prior = log_class_prior(self.class_counts_).to(z.device)
+            margins = self._count_statistic(ldam_margins, z.device,
+                                            max_margin=self.ldam_max_margin)
+            return ldam_loss(z, y, margins=margins, scale=self.head_scale, **weights)
+        log_prior = self._count_statistic(log_class_prior, z.device)
         if self.loss == "logit_adjusted":
             return logit_adjusted_loss(z, y, log_prior=log_prior, tau=self.logit_adjust_tau,
                                        **weights)

@@ -351,7 +351,7 @@ class BatchNormRecalibration(Callback):
                 m.momentum = None  # cumulative average over the pass
             net.module_.train()
             with torch.no_grad():
-                for batch in net.get_iterator(dataset, training=False):
+                for batch in _training_fold_iterator(net, dataset):
                     Xi = unpack_data(batch)[0]
                     if get_len(Xi) > 1:  # BatchNorm1d cannot normalise a single sample
                         net.infer(Xi)
@@ -405,7 +405,7 @@ class ConvergenceCheck(Callback):
             return
         correct, counts = 0, None
         with torch.no_grad(), _rng_untouched(net):
-            for batch in net.get_iterator(dataset, training=False):
+            for batch in _training_fold_iterator(net, dataset):
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
                 if hasattr(net, "accelerator"):
@@ -427,6 +427,14 @@ class ConvergenceCheck(Callback):
                 f"most frequent class (after {len(net.history)} epochs). Train longer "
                 "(max_epochs), with a larger lr, or check the data.",
                 ConvergenceWarning, stacklevel=2)
+
+
+def _training_fold_iterator(net, dataset):
+    """In-order batches of the training fold: loaded like the training batches with an
+    ltroute estimator (its workers), skorch's validation iterator otherwise."""
+    method = getattr(net, "_training_fold_iterator", None)
+    return method(dataset) if method is not None else net.get_iterator(dataset,
+                                                                        training=False)
 
 
 def _rng_untouched(net):

@@ -517,9 +517,10 @@ class RIDEClassifier(LongTailNet):
                 logits.reshape(-1, n_classes), y.repeat_interleave(n_experts), weight,
                 None if sample_weight is None else sample_weight.repeat_interleave(n_experts))
         if self.diversity_weight != 0:
-            temperature = self._temperature(per_class=weight is not None)
+            temperature = self._temperature(per_class=weight is not None,
+                                            device=logits.device)
             loss = loss + self.diversity_weight * ride_diversity_loss(
-                logits, temperature=temperature.to(logits.device), sample_weight=sample_weight)
+                logits, temperature=temperature, sample_weight=sample_weight)
         return loss
 
     def _after_training(self, X: np.ndarray, y: np.ndarray) -> None:
@@ -542,19 +543,20 @@ class RIDEClassifier(LongTailNet):
         if self.loss == "focal":
             return focal_loss(z, y, gamma=self.focal_gamma, **weights)
         if self.loss == "logit_adjusted":
-            return logit_adjusted_loss(z, y, log_prior=log_class_prior(self.class_counts_)
-                                       .to(z.device), **weights)
-        margins = ldam_margins(self.class_counts_, max_margin=self.ldam_max_margin)
-        return ldam_loss(z, y, margins=margins.to(z.device), scale=self.head_scale,
-                         **weights)
+            return logit_adjusted_loss(
+                z, y, log_prior=self._count_statistic(log_class_prior, z.device), **weights)
+        margins = self._count_statistic(ldam_margins, z.device,
+                                        max_margin=self.ldam_max_margin)
+        return ldam_loss(z, y, margins=margins, scale=self.head_scale, **weights)
 
-    def _temperature(self, per_class: bool) -> torch.Tensor:
-        """Diversity temperature: ``alpha`` before DRW, per class from the DRW epoch."""
+    def _temperature(self, per_class: bool, device=None) -> torch.Tensor:
+        """Diversity temperature on ``device``: ``alpha`` before DRW, per class from the
+        DRW epoch (computed once per fit)."""
         if not per_class:
-            return torch.tensor(float(self.diversity_temperature))
-        return distribution_aware_temperature(
-            self.class_counts_, base_temperature=self.diversity_temperature,
-            reweight_factor=self.reweight_factor)
+            return torch.tensor(float(self.diversity_temperature), device=device)
+        return self._count_statistic(
+            distribution_aware_temperature, device,
+            base_temperature=self.diversity_temperature, reweight_factor=self.reweight_factor)
 
     # ------------------------------------------------------------- stage 2
     def _fit_router(self, X, y: np.ndarray) -> None:

@@ -1,0 +1,147 @@
+"""The training loop's bookkeeping (ltroute/_base.py): per-fit loss statistics, training
+mode, the history, and how the passes over the training fold inside ``fit`` load."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute.losses import (
+    balanced_softmax_loss,
+    distribution_aware_temperature,
+    effective_number_weights,
+    ldam_loss,
+    ldam_margins,
+    log_class_prior,
+    logit_adjusted_loss,
+    ride_diversity_loss,
+)
+
+
+def fitted(cls, small_letter, **params):
+    X, y = small_letter[:2]
+    params = {"max_epochs": 2, "batch_size": 64, "random_state": 0, "device": "cpu"} | params
+    return cls(**params).fit(X, y)
+
+
+def a_batch(clf, small_letter, n=48):
+    X, y = small_letter[:2]
+    Xb = torch.as_tensor(X[:n], dtype=torch.float32)
+    yb = torch.as_tensor(np.searchsorted(clf.classes_, y[:n]))
+    with torch.no_grad():
+        return clf.module_(Xb), yb
+
+
+@pytest.mark.parametrize("drw_epoch", [None, 1])
+def test_ride_loss_equals_the_pure_functions(small_letter, drw_epoch):
+    # The margins, DRW weights and temperatures are computed once per fit; the loss is
+    # the one written with the pure functions of ltroute.losses, as before.
+    clf = fitted(RIDEClassifier, small_letter, router=False, drw_epoch=drw_epoch)
+    logits, y = a_batch(clf, small_letter)
+    counts, (_, k, c) = clf.class_counts_, logits.shape
+    weight = None if drw_epoch is None else effective_number_weights(counts, beta=clf.drw_beta)
+    temperature = (torch.tensor(float(clf.diversity_temperature)) if weight is None else
+                   distribution_aware_temperature(counts,
+                                                  base_temperature=clf.diversity_temperature,
+                                                  reweight_factor=clf.reweight_factor))
+    expected = k * ldam_loss(logits.reshape(-1, c), y.repeat_interleave(k),
+                             margins=ldam_margins(counts, max_margin=clf.ldam_max_margin),
+                             scale=clf.head_scale, weight=weight)
+    expected = expected + clf.diversity_weight * ride_diversity_loss(logits,
+                                                                     temperature=temperature)
+    for _ in range(2):  # computed, then read back
+        assert_close(clf._training_loss(logits, y), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["ldam", "logit_adjusted", "balanced_softmax"])
+def test_baseline_loss_equals_the_pure_functions(small_letter, loss):
+    clf = fitted(LongTailClassifier, small_letter, loss=loss, drw_epoch=1)
+    logits, y = a_batch(clf, small_letter)
+    z, counts = logits[:, 0], clf.class_counts_
+    weight = effective_number_weights(counts, beta=clf.drw_beta)
+    if loss == "ldam":
+        expected = ldam_loss(z, y, margins=ldam_margins(counts, max_margin=clf.ldam_max_margin),
+                             scale=clf.head_scale, weight=weight)
+    elif loss == "logit_adjusted":
+        expected = logit_adjusted_loss(z, y, log_prior=log_class_prior(counts),
+                                       tau=clf.logit_adjust_tau, weight=weight)
+    else:
+        expected = balanced_softmax_loss(z, y, log_prior=log_class_prior(counts),
+                                         weight=weight)
+    assert_close(clf._training_loss(logits, y), expected, rtol=0, atol=0)
+
+
+def test_loss_statistics_follow_the_counts_and_parameters(small_letter):
+    X, y = small_letter[:2]
+    clf = fitted(RIDEClassifier, small_letter, router=False, max_epochs=1)
+    cpu = torch.device("cpu")
+    assert_close(clf._count_statistic(ldam_margins, cpu, max_margin=clf.ldam_max_margin),
+                 ldam_margins(clf.class_counts_, max_margin=clf.ldam_max_margin))
+    clf.set_params(ldam_max_margin=0.3)  # a changed parameter is a new statistic
+    assert_close(clf._count_statistic(ldam_margins, cpu, max_margin=0.3),
+                 ldam_margins(clf.class_counts_, max_margin=0.3))
+    keep = y != "A"  # a refit on other counts recomputes them
+    clf.fit(X[keep], y[keep])
+    assert_close(clf._count_statistic(ldam_margins, cpu, max_margin=0.3),
+                 ldam_margins(clf.class_counts_, max_margin=0.3))
+    # The cache is not pickled (it may hold GPU tensors); the unpickled copy recomputes.
+    state = pickle.loads(pickle.dumps(clf)).__dict__
+    assert "_count_statistics" not in state and "_augment_fill" not in state
+    copy = pickle.loads(pickle.dumps(clf))
+    assert_close(copy.predict_proba(X[:5]), clf.predict_proba(X[:5]))
+
+
+def test_training_mode_is_set_only_when_a_module_differs(small_letter, monkeypatch):
+    clf = fitted(LongTailClassifier, small_letter, max_epochs=1)
+    calls = []
+    original = torch.nn.Module.train
+
+    def train(module, mode=True):
+        calls.append(mode)
+        return original(module, mode)
+
+    clf._set_training(True)
+    monkeypatch.setattr(torch.nn.Module, "train", train)
+    clf._set_training(True)
+    assert calls == []  # every module already trains: nothing to walk
+    assert all(m.training for m in clf.module_.modules())
+    clf._set_training(False)
+    assert not any(m.training for m in clf.module_.modules())
+    next(clf.module_.children()).train(True)  # one submodule differs: all are set again
+    calls.clear()
+    clf._set_training(False)
+    assert calls and not any(m.training for m in clf.module_.modules())
+
+
+def test_history_records_every_batch_and_epoch(small_letter):
+    X, _ = small_letter[:2]
+    clf = fitted(LongTailClassifier, small_letter, max_epochs=3)
+    assert len(clf.history_) == 3
+    for epoch in clf.history_:
+        sizes = [batch["train_batch_size"] for batch in epoch["batches"]]
+        losses = [batch["train_loss"] for batch in epoch["batches"]]
+        assert all(type(s) is int for s in sizes) and sum(sizes) == len(X)
+        assert all(type(v) is float and np.isfinite(v) for v in losses)
+        assert epoch["train_batch_count"] == len(sizes)
+        # skorch's train_loss: the batch losses' mean weighted by the batch sizes
+        assert epoch["train_loss"] == pytest.approx(np.average(losses, weights=sizes))
+
+
+def test_passes_over_the_training_fold_load_like_training(small_letter):
+    params = {"iterator_train__num_workers": 2, "iterator_train__timeout": 60,
+              "iterator_train__persistent_workers": True, "iterator_train__shuffle": True}
+    clf = LongTailClassifier(**params)
+    X, y = small_letter[:2]
+    dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
+    loader = clf._training_fold_iterator(dataset)
+    assert (loader.num_workers, loader.timeout, loader.persistent_workers) == (2, 60, False)
+    first = next(iter(loader))[0]  # in order: which batches is not the training's business
+    assert_close(first, torch.as_tensor(X[:clf.batch_size], dtype=torch.float32))
+    assert clf.get_iterator(dataset, training=False).num_workers == 0  # predict: unchanged
+    assert "_loading_like_training" not in clf.__dict__
+    # iterator_valid__* is the user's word on inference loading
+    clf = LongTailClassifier(iterator_valid__num_workers=0, **params)
+    assert clf._training_fold_iterator(dataset).num_workers == 0
