@@ -329,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             "calibrated probabilities and EM runs on them. Test sets as in the main "
             f"label-shift table (seeds {args.test_seeds}). The fit time of a calibrated "
             "row includes the calibration. Rows in "
-            f"`benchmarks/results/{args.name}.csv`.\n\n")
+            f"`benchmarks/results/{args.name}.csv`.")
+        if "cifar10" in args.datasets:
+            text += (" CIFAR-10-LT: the CPU proxy of the main table (logit-adjusted small "
+                     "ConvNet, normalize='auto', augmentation='cifar', "
+                     f"{args.epochs} epochs, far short of the usual 200).")
+        text += "\n\n"
         for dataset in args.datasets:
             text += "\n".join(_tables(rows, dataset)) + "\n"
         path = write_fragment(args.name, old_text + text)
