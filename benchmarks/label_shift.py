@@ -306,11 +306,17 @@ def main(argv: list[str] | None = None) -> int:
         with open(csv_path, newline="") as f:
             old_rows = list(csv.DictReader(f))
         old_text = md_path.read_text(encoding="utf-8").rstrip() + "\n\n"
-    keys = list(dict.fromkeys(k for r in [*old_rows, *rows] for k in r))
-    with open(RESULTS_DIR / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows([*old_rows, *rows])
+
+    def finish(text: str) -> Path:
+        """Write the fragment, then the csv (after the provenance header has read the
+        checkout's state, so that rewriting a committed csv does not read as dirty)."""
+        path = write_fragment(args.name, old_text + text)
+        keys = list(dict.fromkeys(k for r in [*old_rows, *rows] for k in r))
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows([*old_rows, *rows])
+        return path
 
     command = sys.argv if argv is None else ["benchmarks/label_shift.py", *argv]
     if args.calibrate is not None:
@@ -329,10 +335,15 @@ def main(argv: list[str] | None = None) -> int:
             "calibrated probabilities and EM runs on them. Test sets as in the main "
             f"label-shift table (seeds {args.test_seeds}). The fit time of a calibrated "
             "row includes the calibration. Rows in "
-            f"`benchmarks/results/{args.name}.csv`.\n\n")
+            f"`benchmarks/results/{args.name}.csv`.")
+        if "cifar10" in args.datasets:
+            text += (" CIFAR-10-LT: the CPU proxy of the main table (logit-adjusted small "
+                     "ConvNet, normalize='auto', augmentation='cifar', "
+                     f"{args.epochs} epochs, far short of the usual 200).")
+        text += "\n\n"
         for dataset in args.datasets:
             text += "\n".join(_tables(rows, dataset)) + "\n"
-        path = write_fragment(args.name, old_text + text)
+        path = finish(text)
         print(f"wrote {path}")
         return 0
 
@@ -353,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Rows with dataset `cifar10` in `benchmarks/results/{args.name}.csv`.\n\n")
         for dataset in args.datasets:
             text += "\n".join(_tables(rows, dataset)) + "\n"
-        path = write_fragment(args.name, old_text + text)
+        path = finish(text)
         print(f"wrote {path}")
         return 0
 
@@ -385,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for dataset in args.datasets:
         text += "\n".join(_tables(rows, dataset)) + "\n"
-    path = write_fragment(args.name, old_text + text)
+    path = finish(text)
     print(f"wrote {path}")
     return 0
 

@@ -28,7 +28,7 @@ from sklearn.utils._param_validation import (
 )
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch import NeuralNet, NeuralNetClassifier
 from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
 from skorch.dataset import get_len, unpack_data
@@ -62,7 +62,7 @@ from ltroute._validation import (
     writable,
 )
 from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
-from ltroute.calibration import apply_temperature, as_log_proba, fit_temperature
+from ltroute.calibration import apply_temperature, as_log_proba, encode_labels, fit_under_prior
 from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
@@ -865,9 +865,15 @@ class LongTailNet(NeuralNetClassifier):
         method : {"temperature", "bcts"}, default="temperature"
             ``"temperature"``: ``T`` only (Guo et al. 2017); ``"bcts"``: ``T`` and
             per-class biases (Alexandari et al. 2020), which need many held-out samples
-            of every class (measured on MNIST-LT with 309 held-out images, 1 to 125 per
-            class: ``"bcts"`` cost 1.4 points on a uniform test set, ``"temperature"``
-            none; ``benchmarks/label_shift.py --calibrate``).
+            of every class but also correct a network whose probabilities are biased
+            per class. Measured (``benchmarks/results/label_shift_calibrated.md``;
+            logit-adjusted networks fitted on 80 % of the training split, calibrated on
+            the rest; accuracy on the uniform test set with ``target_prior="estimate"``,
+            then with ``"uniform"``): MNIST-LT, 305 held-out images (1 to 125 per
+            class): 89.7 % with ``"temperature"``, 88.7 % with ``"bcts"``, 88.5 %
+            uncalibrated, 89.9 % uniform; a CIFAR-10-LT CPU proxy, 2,480 held-out images
+            (10 to 1,000 per class): 35.1 % with ``"temperature"``, 41.6 % with
+            ``"bcts"``, 36.5 % uncalibrated, 44.0 % uniform.
 
         Returns
         -------
@@ -880,6 +886,22 @@ class LongTailNet(NeuralNetClassifier):
             For an unknown ``method``, labels that are not classes of the estimator, a
             ``y`` of another length than ``X``, or any input ``predict`` rejects. Nothing
             is changed then.
+
+        Examples
+        --------
+        >>> from sklearn.model_selection import train_test_split
+        >>> from ltroute import LongTailClassifier
+        >>> from ltroute.datasets import load_letter_lt
+        >>> data = load_letter_lt()
+        >>> X_fit, X_held, y_fit, y_held = train_test_split(
+        ...     data.X_train, data.y_train, test_size=0.2, stratify=data.y_train,
+        ...     random_state=0)
+        >>> clf = LongTailClassifier(loss="logit_adjusted", max_epochs=5, random_state=0)
+        >>> clf = clf.fit(X_fit, y_fit).calibrate(X_held, y_held)
+        >>> bool(clf.calibration_temperature_ > 0)
+        True
+        >>> clf.set_params(target_prior="estimate").predict(data.X_test[:500]).shape
+        (500,)
         """
         check_is_fitted(self, ["module_", "classes_"])
         name = type(self).__name__
@@ -891,23 +913,13 @@ class LongTailNet(NeuralNetClassifier):
             if y is None:
                 raise ValueError(f"{name}.calibrate needs y (the true labels) unless X is "
                                  "a dataset of (image, label) items.")
-        y = column_or_1d(np.asarray(y))
-        check_classification_targets(y)
-        index = {label: code for code, label in enumerate(self.classes_.tolist())}
-        unknown = sorted({label for label in y.tolist() if label not in index}, key=str)
-        if unknown:
-            raise ValueError(f"{name}.calibrate: y has labels that are not classes of the "
-                             f"estimator: {unknown}; classes are {self.classes_.tolist()}.")
-        codes = np.array([index[label] for label in y.tolist()], dtype=np.intp)
+        codes = encode_labels(y, self.classes_, f"{name}.calibrate")
         log_probs = as_log_proba(self._fused_outputs(X)[0].numpy())
         if len(log_probs) != len(codes):
             raise ValueError(f"{name}.calibrate: X has {len(log_probs)} samples but y has "
                              f"{len(codes)} labels.")
-        counts = np.bincount(codes, minlength=len(self.classes_))
-        with np.errstate(divide="ignore"):
-            offset = np.log(counts / counts.sum()) + np.log(len(counts))
-        temperature, biases = fit_temperature(log_probs, codes, bias=method == "bcts",
-                                              offset=offset)
+        uniform = np.full(len(self.classes_), 1.0 / len(self.classes_))
+        temperature, biases = fit_under_prior(log_probs, codes, uniform, bias=method == "bcts")
         self.calibration_temperature_, self.calibration_biases_ = temperature, biases
         return self
 

@@ -139,6 +139,34 @@ def apply_temperature(log_proba: ArrayLike, temperature: float, biases: ArrayLik
     return log_softmax(z / temperature + np.asarray(biases, dtype=np.float64), axis=1)
 
 
+def fit_under_prior(
+    log_proba: ArrayLike, y: ArrayLike, source_prior: ArrayLike, *, bias: bool
+) -> tuple[float, np.ndarray]:
+    """:func:`fit_temperature` of probabilities that are posteriors under ``source_prior``
+    on labelled data ``y`` (encoded) of another class distribution: the offset
+    ``log pi_y - log source_prior`` (``pi_y``: the class frequencies of ``y``; ``-inf``
+    for a class absent from it) keeps the calibrated probabilities posteriors under
+    ``source_prior``."""
+    source = np.asarray(source_prior, dtype=np.float64)
+    counts = np.bincount(column_or_1d(y).astype(np.intp), minlength=len(source))
+    with np.errstate(divide="ignore"):
+        offset = np.log(counts / counts.sum()) - np.log(source / source.sum())
+    return fit_temperature(log_proba, y, bias=bias, offset=offset)
+
+
+def encode_labels(y: ArrayLike, classes: np.ndarray, caller: str) -> np.ndarray:
+    """Codes ``0 .. n_classes - 1`` of the labels ``y`` in ``classes``; a ``ValueError``
+    naming the labels that are not classes."""
+    y = column_or_1d(np.asarray(y))
+    check_classification_targets(y)
+    index = {label: code for code, label in enumerate(np.asarray(classes).tolist())}
+    unknown = sorted({label for label in y.tolist() if label not in index}, key=str)
+    if unknown:
+        raise ValueError(f"{caller}: y has labels that are not classes of the estimator: "
+                         f"{unknown}; classes are {np.asarray(classes).tolist()}.")
+    return np.array([index[label] for label in y.tolist()], dtype=np.intp)
+
+
 def heldout_log_proba(estimator, X, y, *, cv, fit_params=None) -> np.ndarray:
     """Cross-validated (held-out) log-probabilities of a clone of ``estimator``.
 

@@ -49,7 +49,7 @@ from ltroute.calibration import (
     _check_cv,
     apply_temperature,
     as_log_proba,
-    fit_temperature,
+    fit_under_prior,
     heldout_log_proba,
 )
 
@@ -473,9 +473,8 @@ class PriorCorrectedClassifier(ClassifierMixin, BaseEstimator):
             held_out = heldout_log_proba(self.estimator, X, y, cv=self.cv, fit_params=fit_params)
             # The held-out samples follow the empirical training prior; calibrate the
             # probabilities as posteriors under ``train_prior_`` (no offset for "fit").
-            offset = np.log(counts / counts.sum()) - np.log(train_prior)
-            temperature, biases = fit_temperature(
-                held_out, y_codes, bias=self.calibration == "bcts", offset=offset
+            temperature, biases = fit_under_prior(
+                held_out, y_codes, train_prior, bias=self.calibration == "bcts"
             )
         estimator = clone(self.estimator).fit(X, y, **fit_params)
         if not np.array_equal(np.asarray(estimator.classes_), classes):

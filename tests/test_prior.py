@@ -602,3 +602,11 @@ def test_every_estimator_calibrates_and_then_estimates_without_warning(nets, dig
         proba = clf.predict_proba(digits.X_test[~held])
     assert np.all(np.isfinite(proba))
     assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_calibrate_docstring_example_runs():
+    import doctest
+
+    (test,) = doctest.DocTestFinder().find(LongTailClassifier.calibrate, "calibrate", globs={})
+    result = doctest.DocTestRunner(verbose=False).run(test)
+    assert result.attempted > 0 and result.failed == 0
