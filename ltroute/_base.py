@@ -97,6 +97,12 @@ _LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
                              "timeout", "in_order"})
 
 
+#: Float32 input per batch of an inference-only pass over the training fold inside
+#: ``fit`` (at least ``batch_size`` rows): 8 MiB is ~680 CIFAR images, a whole tabular
+#: training set of a few thousand rows, and ``batch_size`` rows of ImageNet-size images.
+_INFERENCE_BATCH_BYTES = 8 * 2**20
+
+
 def _never(_estimator: Any) -> bool:
     return False
 
@@ -500,10 +506,14 @@ class LongTailNet(NeuralNetClassifier):
         Accelerate asks for skorch's own loader."""
         prefix = "iterator_train" if training else "iterator_valid"
         kwargs = self.get_params_for(prefix)
-        if not training and self.__dict__.get("_loading_like_training"):
+        fold = None if training else self.__dict__.get("_training_fold")
+        if fold is not None:  # a pass over the training fold inside fit
             kwargs = self._training_loading_params() | kwargs
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
+        if fold is not None and not kwargs.get("num_workers"):
+            # (workers share out batches of batch_size rows)
+            kwargs["batch_size"] = max(kwargs["batch_size"], fold["min_batch_size"])
         if training:
             check_batch_norm_batches(self, len(dataset), kwargs["batch_size"])
             kwargs.setdefault("shuffle", True)
@@ -518,19 +528,29 @@ class LongTailNet(NeuralNetClassifier):
             return batch_loader(iterator, arrays, **({"shuffle": False} | kwargs))
         return iterator(dataset, **kwargs)
 
-    def _training_fold_iterator(self, dataset):
-        """In-order inference batches over the training fold, for the passes inside
-        ``fit`` (``normalize="auto"`` statistics, BatchNorm recalibration, the
-        convergence check): :meth:`get_iterator` with ``training=False``, loading like
-        the training iterator (its ``num_workers``, ``pin_memory``, ...) unless
-        ``iterator_valid__*`` sets how to load. Otherwise a dataset that trains with
-        workers would be decoded in the main process, one item after the other, on
-        each of these passes."""
-        self.__dict__["_loading_like_training"] = True
+    def _training_fold_iterator(self, dataset, inference_only: bool = False):
+        """In-order batches over the training fold, for the passes inside ``fit``
+        (``normalize="auto"`` statistics, BatchNorm recalibration, the convergence
+        check): :meth:`get_iterator` with ``training=False``, loading like the training
+        iterator (its ``num_workers``, ``pin_memory``, ...) unless ``iterator_valid__*``
+        sets how to load. Otherwise a dataset that trains with workers would be decoded
+        in the main process, one item after the other, on each of these passes.
+
+        ``inference_only``: the batches only go through the network in inference mode,
+        where a sample's output does not depend on the rest of its batch, so they may be
+        larger than ``batch_size`` when loaded without workers: up to
+        :data:`_INFERENCE_BATCH_BYTES` of float32 input (per-batch overhead dominated
+        the convergence check of small networks).
+        """
+        min_batch_size = 1
+        if inference_only:
+            row_bytes = 4 * int(np.prod(self.input_shape_))
+            min_batch_size = max(1, _INFERENCE_BATCH_BYTES // row_bytes)
+        self.__dict__["_training_fold"] = {"min_batch_size": min_batch_size}
         try:
             return self.get_iterator(dataset, training=False)
         finally:
-            self.__dict__.pop("_loading_like_training", None)
+            self.__dict__.pop("_training_fold", None)
 
     def _training_loading_params(self) -> dict[str, Any]:
         """``iterator_train__*`` parameters that say how batches are loaded (not which
