@@ -97,6 +97,11 @@ _LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
                              "timeout", "in_order"})
 
 
+#: A pass over the training fold inside ``fit`` loads in the training iterator's worker
+#: processes when each has at least this many batches to load: starting two workers took
+#: as long as decoding ~600 CIFAR JPEG files in the main process (2-core CPU).
+_MIN_BATCHES_PER_WORKER = 4
+
 #: Float32 input per batch of an inference-only pass over the training fold inside
 #: ``fit`` (at least ``batch_size`` rows): 8 MiB is ~680 CIFAR images, a whole tabular
 #: training set of a few thousand rows, and ``batch_size`` rows of ImageNet-size images.
@@ -507,10 +512,10 @@ class LongTailNet(NeuralNetClassifier):
         prefix = "iterator_train" if training else "iterator_valid"
         kwargs = self.get_params_for(prefix)
         fold = None if training else self.__dict__.get("_training_fold")
-        if fold is not None:  # a pass over the training fold inside fit
-            kwargs = self._training_loading_params() | kwargs
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
+        if fold is not None:  # a pass over the training fold inside fit
+            kwargs = self._training_loading_params(len(dataset), kwargs["batch_size"]) | kwargs
         if fold is not None and not kwargs.get("num_workers"):
             # (workers share out batches of batch_size rows)
             kwargs["batch_size"] = max(kwargs["batch_size"], fold["min_batch_size"])
@@ -552,13 +557,21 @@ class LongTailNet(NeuralNetClassifier):
         finally:
             self.__dict__.pop("_training_fold", None)
 
-    def _training_loading_params(self) -> dict[str, Any]:
+    def _training_loading_params(self, n_samples: int, batch_size: int) -> dict[str, Any]:
         """``iterator_train__*`` parameters that say how batches are loaded (not which
-        ones, nor how they are collated), when ``iterator_valid__*`` sets none of them."""
+        ones, nor how they are collated), when ``iterator_valid__*`` sets none of them;
+        without the worker processes for a pass of fewer than
+        :data:`_MIN_BATCHES_PER_WORKER` batches per worker, which loads faster in the
+        main process than workers start."""
         if _LOADING_PARAMS & set(self.get_params_for("iterator_valid")):
             return {}
-        return {key: value for key, value in self.get_params_for("iterator_train").items()
-                if key in _LOADING_PARAMS}
+        params = {key: value for key, value in self.get_params_for("iterator_train").items()
+                  if key in _LOADING_PARAMS}
+        workers = params.get("num_workers") or 0
+        if n_samples < _MIN_BATCHES_PER_WORKER * workers * batch_size:
+            params = {key: value for key, value in params.items()
+                      if key in ("pin_memory", "pin_memory_device")}
+        return params
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Method loss on expert logits in training (weighted by ``fit``'s

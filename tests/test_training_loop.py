@@ -138,6 +138,10 @@ def test_passes_over_the_training_fold_load_like_training(small_letter):
     dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
     loader = clf._training_fold_iterator(dataset)
     assert (loader.num_workers, loader.timeout, loader.persistent_workers) == (2, 60, False)
+    assert len(X) >= 4 * 2 * clf.batch_size  # at least 4 batches per worker
+    few = clf._training_fold_iterator(clf.get_dataset(X[:1000].astype(np.float32),
+                                                      np.zeros(1000, dtype=np.int64)))
+    assert (few.num_workers, few.timeout) == (0, 0)  # faster than starting workers
     first = next(iter(loader))[0]  # in order: which batches is not the training's business
     assert_close(first, torch.as_tensor(X[:clf.batch_size], dtype=torch.float32))
     assert clf.get_iterator(dataset, training=False).num_workers == 0  # predict: unchanged
