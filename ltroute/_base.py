@@ -98,6 +98,17 @@ _LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
                              "timeout", "in_order"})
 
 
+#: A pass over the training fold inside ``fit`` loads in the training iterator's worker
+#: processes when each has at least this many batches to load: starting two workers took
+#: as long as decoding ~600 CIFAR JPEG files in the main process (2-core CPU).
+_MIN_BATCHES_PER_WORKER = 4
+
+#: Float32 input per batch of an inference-only pass over the training fold inside
+#: ``fit`` (at least ``batch_size`` rows): 8 MiB is ~680 CIFAR images, a whole tabular
+#: training set of a few thousand rows, and ``batch_size`` rows of ImageNet-size images.
+_INFERENCE_BATCH_BYTES = 8 * 2**20
+
+
 def _never(_estimator: Any) -> bool:
     return False
 
@@ -503,10 +514,14 @@ class LongTailNet(NeuralNetClassifier):
         Accelerate asks for skorch's own loader."""
         prefix = "iterator_train" if training else "iterator_valid"
         kwargs = self.get_params_for(prefix)
-        if not training and self.__dict__.get("_loading_like_training"):
-            kwargs = self._training_loading_params() | kwargs
+        fold = None if training else self.__dict__.get("_training_fold")
         batch_size = kwargs.get("batch_size", self.batch_size)
         kwargs["batch_size"] = len(dataset) if batch_size == -1 else batch_size
+        if fold is not None:  # a pass over the training fold inside fit
+            kwargs = self._training_loading_params(len(dataset), kwargs["batch_size"]) | kwargs
+        if fold is not None and not kwargs.get("num_workers"):
+            # (workers share out batches of batch_size rows)
+            kwargs["batch_size"] = max(kwargs["batch_size"], fold["min_batch_size"])
         if training:
             check_batch_norm_batches(self, len(dataset), kwargs["batch_size"])
             kwargs.setdefault("shuffle", True)
@@ -521,27 +536,45 @@ class LongTailNet(NeuralNetClassifier):
             return batch_loader(iterator, arrays, **({"shuffle": False} | kwargs))
         return iterator(dataset, **kwargs)
 
-    def _training_fold_iterator(self, dataset):
-        """In-order inference batches over the training fold, for the passes inside
-        ``fit`` (``normalize="auto"`` statistics, BatchNorm recalibration, the
-        convergence check): :meth:`get_iterator` with ``training=False``, loading like
-        the training iterator (its ``num_workers``, ``pin_memory``, ...) unless
-        ``iterator_valid__*`` sets how to load. Otherwise a dataset that trains with
-        workers would be decoded in the main process, one item after the other, on
-        each of these passes."""
-        self.__dict__["_loading_like_training"] = True
+    def _training_fold_iterator(self, dataset, inference_only: bool = False):
+        """In-order batches over the training fold, for the passes inside ``fit``
+        (``normalize="auto"`` statistics, BatchNorm recalibration, the convergence
+        check): :meth:`get_iterator` with ``training=False``, loading like the training
+        iterator (its ``num_workers``, ``pin_memory``, ...) unless ``iterator_valid__*``
+        sets how to load. Otherwise a dataset that trains with workers would be decoded
+        in the main process, one item after the other, on each of these passes.
+
+        ``inference_only``: the batches only go through the network in inference mode,
+        where a sample's output does not depend on the rest of its batch, so they may be
+        larger than ``batch_size`` when loaded without workers: up to
+        :data:`_INFERENCE_BATCH_BYTES` of float32 input (per-batch overhead dominated
+        the convergence check of small networks).
+        """
+        min_batch_size = 1
+        if inference_only:
+            row_bytes = 4 * int(np.prod(self.input_shape_))
+            min_batch_size = max(1, _INFERENCE_BATCH_BYTES // row_bytes)
+        self.__dict__["_training_fold"] = {"min_batch_size": min_batch_size}
         try:
             return self.get_iterator(dataset, training=False)
         finally:
-            self.__dict__.pop("_loading_like_training", None)
+            self.__dict__.pop("_training_fold", None)
 
-    def _training_loading_params(self) -> dict[str, Any]:
+    def _training_loading_params(self, n_samples: int, batch_size: int) -> dict[str, Any]:
         """``iterator_train__*`` parameters that say how batches are loaded (not which
-        ones, nor how they are collated), when ``iterator_valid__*`` sets none of them."""
+        ones, nor how they are collated), when ``iterator_valid__*`` sets none of them;
+        without the worker processes for a pass of fewer than
+        :data:`_MIN_BATCHES_PER_WORKER` batches per worker, which loads faster in the
+        main process than workers start."""
         if _LOADING_PARAMS & set(self.get_params_for("iterator_valid")):
             return {}
-        return {key: value for key, value in self.get_params_for("iterator_train").items()
-                if key in _LOADING_PARAMS}
+        params = {key: value for key, value in self.get_params_for("iterator_train").items()
+                  if key in _LOADING_PARAMS}
+        workers = params.get("num_workers") or 0
+        if n_samples < _MIN_BATCHES_PER_WORKER * workers * batch_size:
+            params = {key: value for key, value in params.items()
+                      if key in ("pin_memory", "pin_memory_device")}
+        return params
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         """Method loss on expert logits in training (weighted by ``fit``'s

@@ -376,7 +376,9 @@ class ConvergenceCheck(Callback):
       trained for the balanced error, is well above it on the data it was trained on.
       Train longer (``max_epochs``), with a larger ``lr``, or check the data.
 
-    Costs one inference pass over the training fold at the end of ``fit``. Part of every
+    Costs one inference pass over the training fold at the end of ``fit`` (loaded like
+    the training batches, in batches of up to 8 MiB of input: at least ``batch_size``
+    rows, a few thousand tabular rows at once). Part of every
     ltroute estimator's default callbacks (named ``"convergence_check"``; switch it off
     with ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
     """
@@ -405,7 +407,7 @@ class ConvergenceCheck(Callback):
             return
         correct, counts = 0, None
         with torch.no_grad(), _rng_untouched(net):
-            for batch in _training_fold_iterator(net, dataset):
+            for batch in _training_fold_iterator(net, dataset, inference_only=True):
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
                 if hasattr(net, "accelerator"):
@@ -429,12 +431,14 @@ class ConvergenceCheck(Callback):
                 ConvergenceWarning, stacklevel=2)
 
 
-def _training_fold_iterator(net, dataset):
+def _training_fold_iterator(net, dataset, inference_only: bool = False):
     """In-order batches of the training fold: loaded like the training batches with an
-    ltroute estimator (its workers), skorch's validation iterator otherwise."""
+    ltroute estimator (its workers; larger batches for an ``inference_only`` pass),
+    skorch's validation iterator otherwise."""
     method = getattr(net, "_training_fold_iterator", None)
-    return method(dataset) if method is not None else net.get_iterator(dataset,
-                                                                        training=False)
+    if method is None:
+        return net.get_iterator(dataset, training=False)
+    return method(dataset, inference_only=inference_only)
 
 
 def _rng_untouched(net):

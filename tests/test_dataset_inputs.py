@@ -161,7 +161,8 @@ def test_worker_processes_load_the_same_batches(folder):
     workers = small(iterator_train__num_workers=2, iterator_valid__num_workers=2).fit(folder)
     assert_close(workers.predict_proba(folder), plain.predict_proba(X))
     # Workers set for training only: the passes over the training fold inside fit
-    # (BatchNorm recalibration, convergence check, "auto" statistics) load in them too.
+    # (BatchNorm recalibration, convergence check, "auto" statistics) load the same
+    # batches (in workers when each has 4 batches to load, here in the main process).
     train_workers = small(iterator_train__num_workers=2, normalize="auto").fit(folder)
     assert_close(train_workers.predict_proba(folder),
                  small(normalize="auto").fit(folder).predict_proba(folder))

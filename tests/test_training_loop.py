@@ -138,10 +138,36 @@ def test_passes_over_the_training_fold_load_like_training(small_letter):
     dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
     loader = clf._training_fold_iterator(dataset)
     assert (loader.num_workers, loader.timeout, loader.persistent_workers) == (2, 60, False)
+    assert len(X) >= 4 * 2 * clf.batch_size  # at least 4 batches per worker
+    few = clf._training_fold_iterator(clf.get_dataset(X[:1000].astype(np.float32),
+                                                      np.zeros(1000, dtype=np.int64)))
+    assert (few.num_workers, few.timeout) == (0, 0)  # faster than starting workers
     first = next(iter(loader))[0]  # in order: which batches is not the training's business
     assert_close(first, torch.as_tensor(X[:clf.batch_size], dtype=torch.float32))
     assert clf.get_iterator(dataset, training=False).num_workers == 0  # predict: unchanged
-    assert "_loading_like_training" not in clf.__dict__
+    assert "_training_fold" not in clf.__dict__
     # iterator_valid__* is the user's word on inference loading
     clf = LongTailClassifier(iterator_valid__num_workers=0, **params)
     assert clf._training_fold_iterator(dataset).num_workers == 0
+
+
+def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter):
+    X, y = small_letter[:2]
+    clf = fitted(RIDEClassifier, small_letter, router=False, max_epochs=1)
+    dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
+    batches = list(clf._training_fold_iterator(dataset, inference_only=True))
+    assert len(batches) == 1  # 8 MiB of 16 features: the whole training fold
+    assert_close(clf.evaluation_step(batches[0])[0],  # outputs independent of the batch
+                 torch.cat([clf.evaluation_step(b)[0]
+                            for b in clf.get_iterator(dataset, training=False)]))
+    # BatchNorm recalibration keeps batch_size rows (batch statistics depend on them)
+    assert len(next(iter(clf._training_fold_iterator(dataset)))[0]) == clf.batch_size
+    images = LongTailClassifier(batch_size=16)
+    images.input_shape_ = (3, 224, 224)  # 8 MiB is 13 such images: batch_size rows
+    loader = images._training_fold_iterator(dataset, inference_only=True)
+    assert loader.sampler.batch_size == 16
+    # with workers, batch_size rows: each worker loads its own batches
+    workers = RIDEClassifier(iterator_train__num_workers=2)
+    workers.input_shape_ = clf.input_shape_
+    loader = workers._training_fold_iterator(dataset, inference_only=True)
+    assert (loader.num_workers, loader.sampler.batch_size) == (2, 128)
