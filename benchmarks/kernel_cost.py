@@ -63,7 +63,9 @@ class Cost:
     sass_static: int
     sass_per_thread: int
     sass_instructions_per_element: float
+    sass_hot_path_per_element: float
     issue_us: float
+    issue_hot_us: float
     memory_us: float
     bound: str
     fraction_of_bandwidth: float
@@ -81,22 +83,26 @@ def _triton():
     return torch, triton, kf, ASTSource, GPUTarget, BaseBackend
 
 
-def _specialize(backend_cls, value):
-    """Triton's own launch-time specialisation of one argument: (type, "D"/"" hint)."""
+def _specialize(backend_cls, value, specialize: bool = True):
+    """Triton's own launch-time specialisation of one argument: (type, "D"/"" hint).
+
+    ``specialize=False`` for a ``do_not_specialize`` parameter (no value 1, no alignment).
+    """
     from triton._C.libtriton import native_specialize_impl
 
-    return native_specialize_impl(backend_cls, value, False, not isinstance(value, float), True)
+    return native_specialize_impl(backend_cls, value, False,
+                                  specialize and not isinstance(value, float), specialize)
 
 
 def _source(fn, args: tuple, flags: dict):
     torch, triton, kf, ASTSource, GPUTarget, BaseBackend = _triton()
     signature, attrs, constants = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
-        if name in flags:
+        if name in flags or i >= len(args):  # a flag, or a constexpr left at its default
             signature[name] = "constexpr"
-            constants[name] = flags[name]
+            constants[name] = flags[name] if name in flags else fn.params[i].default
             continue
-        ty, spec = _specialize(BaseBackend, args[i])
+        ty, spec = _specialize(BaseBackend, args[i], not fn.params[i].do_not_specialize)
         if ty == "constexpr":
             signature[name] = "constexpr"
             constants[name] = spec
@@ -187,62 +193,135 @@ def sass_counts(sass: str, n_tiles: int) -> tuple[int, int]:
     return static, dynamic
 
 
+def _rows_case(direction: str, B: int, K: int, C: int, dtype):
+    """Arguments of a multi-row launch: the row kernel's, with (B, 1) for (K, C)."""
+    torch, triton, kf, *_ = _triton()
+    fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
+    args = (*args[:-4], B, 1, *args[-2:])
+    flags = {k: v for k, v in flags.items() if k != "BLOCK_K"}
+    flags.update(WIDE=False, N_EXPERTS=K, N_CLASSES=C, BLOCK_C=triton.next_power_of_2(C))
+    rows_fn = kf._fusion_fwd_rows_kernel if direction == "fwd" else kf._fusion_bwd_rows_kernel
+    return rows_fn, args, flags
+
+
+def _uses_rows(direction: str, K: int, C: int) -> bool:
+    _, _, kf, *_ = _triton()
+    return kf._use_rows(K, C, kf._MAX_ROW_FWD if direction == "fwd" else kf._MAX_ROW_BWD)
+
+
+def _kept_rows_configs(direction: str, K: int, C: int) -> list:
+    _, triton, kf, *_ = _triton()
+    per_thread = kf._ROWS_PER_THREAD_FWD if direction == "fwd" else kf._ROWS_PER_THREAD_BWD
+    prune = kf._make_rows_pruner(per_thread)
+    return prune(kf._rows_configs(), {"N_EXPERTS": K, "BLOCK_C": triton.next_power_of_2(C)})
+
+
+def _compile(fn, args: tuple, flags: dict, warps: int, n_tiles: int) -> tuple[int, int, int, int]:
+    """(registers, spill bytes, static, dynamic SASS count of one thread) of one config."""
+    _, triton, _, _, GPUTarget, _ = _triton()
+    compiled = triton.compile(_source(fn, args, flags), target=GPUTarget("cuda", 90, 64),
+                              options={"num_warps": warps, "num_stages": 3})
+    cubin = compiled.asm["cubin"]
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spill = int(re.search(r"STACK:(\d+)", usage).group(1))
+    static, dynamic = sass_counts(_cuobjdump(cubin, "-sass"), n_tiles)
+    return registers, spill, static, dynamic
+
+
 def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
             sms: int, clock_ghz: float, bandwidth_tbs: float) -> list[Cost]:
-    """Compile every kept config of one case and return its model figures."""
-    torch, triton, kf, ASTSource, GPUTarget, _ = _triton()
+    """Compile every kept config of one case and return its model figures.
+
+    Where ``fuse_experts`` dispatches to the multi-row kernel (small K x C), its configs;
+    otherwise the one-row kernel's. A multi-row kernel is compiled twice: as launched
+    (``sass_instructions_per_element``: both sides of its underflow fallback counted) and
+    without the fallback (``sass_hot_path_per_element``: the instructions it runs when no
+    class probability of its rows is under 2**-100, the branch being skipped).
+    """
+    torch, triton, kf, *_ = _triton()
     B, K, C = shape
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
     elt = _DTYPE_BYTES[dtype_name]
     if direction == "fwd":
         n_bytes = B * K * C * elt + 2 * B * C * 4 + 4 * B * K * 4
     else:
         n_bytes = 2 * B * K * C * elt + B * C * 4
     memory_us = n_bytes / (bandwidth_tbs * 1e12) * 1e6
+
+    def issue_time(programs: int, warps: int, dynamic: int) -> float:
+        warp_instructions = programs * warps * dynamic
+        return 1e6 * max(warp_instructions / (sms * 4 * clock_ghz * 1e9),
+                         dynamic / (clock_ghz * 1e9))
+
     costs = []
+    if _uses_rows(direction, K, C):
+        fn, args, flags = _rows_case(direction, B, K, C, dtype)
+        for config in _kept_rows_configs(direction, K, C):
+            block_b, warps = config.kwargs["BLOCK_B"], config.num_warps
+            run = dict(flags, BLOCK_B=block_b)
+            registers, spill, static, dynamic = _compile(fn, args, run, warps, 1)
+            *_, hot = _compile(fn, args, dict(run, UNDERFLOW_FALLBACK=False), warps, 1)
+            programs = math.ceil(B / block_b)
+            per_row = 32 * warps / (block_b * K * C)
+            issue_us = issue_time(programs, warps, dynamic)
+            hot_us = issue_time(programs, warps, hot)
+            costs.append(Cost(
+                shape=[B, K, C], dtype=dtype_name, direction=direction,
+                config={"kernel": "rows", "BLOCK_B": block_b, "BLOCK_C": flags["BLOCK_C"],
+                        "num_warps": warps, "single_tile": True},
+                registers=registers, spill_bytes=spill, sass_static=static,
+                sass_per_thread=dynamic, sass_instructions_per_element=round(dynamic * per_row, 2),
+                sass_hot_path_per_element=round(hot * per_row, 2),
+                issue_us=round(issue_us, 2), issue_hot_us=round(hot_us, 2),
+                memory_us=round(memory_us, 2),
+                bound="issue" if hot_us > memory_us else "memory",
+                fraction_of_bandwidth=round(min(1.0, memory_us / hot_us), 3)))
+        return costs
+    fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
     for config in _kept_configs(direction, K, C):
         block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
         single = C <= block_c
-        source = _source(fn, args, dict(flags, BLOCK_C=block_c, SINGLE_TILE=single))
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64),
-                                  options={"num_warps": warps, "num_stages": 3})
-        cubin = compiled.asm["cubin"]
-        usage = _cuobjdump(cubin, "--dump-resource-usage")
-        registers = int(re.search(r"REG:(\d+)", usage).group(1))
-        spill = int(re.search(r"STACK:(\d+)", usage).group(1))
         n_tiles = 1 if single else math.ceil(C / block_c)
-        static, dynamic = sass_counts(_cuobjdump(cubin, "-sass"), n_tiles)
+        registers, spill, static, dynamic = _compile(
+            fn, args, dict(flags, BLOCK_C=block_c, SINGLE_TILE=single), warps, n_tiles)
         per_element = dynamic * 32 * warps / (K * C)
-        warp_instructions = B * warps * dynamic
-        issue_s = max(warp_instructions / (sms * 4 * clock_ghz * 1e9), dynamic / (clock_ghz * 1e9))
-        issue_us = issue_s * 1e6
-        bound = "issue" if issue_us > memory_us else "memory"
+        issue_us = issue_time(B, warps, dynamic)
         costs.append(Cost(
             shape=[B, K, C], dtype=dtype_name, direction=direction,
-            config={"BLOCK_C": block_c, "num_warps": warps, "single_tile": single},
+            config={"kernel": "row", "BLOCK_C": block_c, "num_warps": warps,
+                    "single_tile": single},
             registers=registers, spill_bytes=spill, sass_static=static,
             sass_per_thread=dynamic, sass_instructions_per_element=round(per_element, 2),
-            issue_us=round(issue_us, 2), memory_us=round(memory_us, 2), bound=bound,
+            sass_hot_path_per_element=round(per_element, 2),
+            issue_us=round(issue_us, 2), issue_hot_us=round(issue_us, 2),
+            memory_us=round(memory_us, 2),
+            bound="issue" if issue_us > memory_us else "memory",
             fraction_of_bandwidth=round(min(1.0, memory_us / issue_us), 3)))
     return costs
 
 
 def best(costs: list[Cost]) -> Cost:
-    """The config the model ranks first: no spills, then the smallest bound time."""
-    return min(costs, key=lambda c: (c.spill_bytes > 0, max(c.issue_us, c.memory_us),
+    """The config the model ranks first: no spills, then the smallest bound time of the
+    path that runs (the hot path of a multi-row kernel)."""
+    return min(costs, key=lambda c: (c.spill_bytes > 0, max(c.issue_hot_us, c.memory_us),
                                      c.sass_instructions_per_element))
 
 
 def markdown_table(rows: list[Cost]) -> str:
-    lines = ["| shape (B,K,C) | dtype | dir | BLOCK_C x warps | regs | spill B | "
-             "SASS/elt | issue us | memory us | bound | % of BW |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape (B,K,C) | dtype | dir | config | regs | spill B | SASS/elt | "
+             "SASS/elt hot | issue us (hot) | memory us | bound | % of BW |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        cfg = r.config
+        if cfg["kernel"] == "rows":
+            label = f"rows {cfg['BLOCK_B']} x {cfg['BLOCK_C']}, {cfg['num_warps']} w"
+        else:
+            label = f"row {cfg['BLOCK_C']}, {cfg['num_warps']} w"
         lines.append(
-            f"| {'x'.join(map(str, r.shape))} | {r.dtype} | {r.direction} | "
-            f"{r.config['BLOCK_C']} x {r.config['num_warps']} | {r.registers} | "
-            f"{r.spill_bytes} | {r.sass_instructions_per_element:.1f} | {r.issue_us:.1f} | "
+            f"| {'x'.join(map(str, r.shape))} | {r.dtype} | {r.direction} | {label} | "
+            f"{r.registers} | {r.spill_bytes} | {r.sass_instructions_per_element:.1f} | "
+            f"{r.sass_hot_path_per_element:.1f} | {r.issue_hot_us:.1f} | "
             f"{r.memory_us:.1f} | {r.bound} | {100 * r.fraction_of_bandwidth:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -7,10 +7,31 @@ and imported lazily (Triton is a Linux-only dependency).
 
 Design
 ------
-One program handles one row ``b`` of ``Z`` (shape ``(B, K, C)``) and keeps all ``K``
-experts of a tile of ``BLOCK_C`` classes in registers as a ``(BLOCK_K, BLOCK_C)`` block, so
-per-expert reductions run along axis 1 and per-class reductions (the mixture over experts)
-along axis 0.
+Two kernel families share one contract and one set of saved statistics.
+
+**Multi-row kernels** (``_fusion_fwd_rows_kernel`` / ``_fusion_bwd_rows_kernel``) take
+every shape whose row fits in registers (``K x next_pow2(C) <= 8192``, the common case:
+(65536, 3, 10), (8192, 3, 100), (4096, 8, 1000)). A program handles ``BLOCK_B`` rows;
+``K`` and ``C`` are compile-time constants, the experts are unrolled and each is a
+(BLOCK_C, BLOCK_B) tile with the rows along the lanes (inner strides are not specialised
+on the value 1, or Triton would put the lanes along C and replicate every per-row
+quantity on them), so a thread owns whole rows, or a slice of C of a few rows: the
+per-expert reductions run in its registers, the mixture over experts is elementwise, the
+padding of its rows folds away at compile time, and the per-row work (routing weights,
+statistics, stores) is paid once per row. The region mask is loaded once per program,
+offsets are int32 unless a tensor needs int64 (``WIDE``), guards act on per-row vectors,
+and each logit costs one ``exp``: ``combine="prob"`` mixes the probabilities
+``exp(z - m_k) / d_k`` the log-sum-exp already computed, ``P_c = sum_k (W_k / d_k)
+e_kc``, and the backward rebuilds the responsibilities from the same ``e_kc``. A class
+whose ``P_c`` falls under ``2**-100`` (where terms may have underflowed) is recomputed in
+log space, as the reference computes it, in a branch taken only by programs holding such
+a class. ``exp`` and ``log`` are ``ex2.approx.ftz`` / ``lg2.approx.ftz`` (one MUFU
+instruction each; a subnormal ``exp`` flushes to 0, which the fallback covers).
+
+**One-row kernels** (``_fusion_fwd_kernel`` / ``_fusion_bwd_kernel``, larger rows): one
+program per row of ``Z`` keeps all ``K`` experts of a tile of ``BLOCK_C`` classes in
+registers as a ``(BLOCK_K, BLOCK_C)`` block, so per-expert reductions run along axis 1
+and per-class reductions (the mixture over experts) along axis 0.
 
 * ``SINGLE_TILE`` (``C <= BLOCK_C``): the row is loaded once and every output is computed
   from registers; this is the one-pass path.
@@ -22,10 +43,10 @@ along axis 0.
 
 Feature switches (region mask, sample mask, weighting, combine, ``T != 1``, optional
 outputs, which upstream gradients exist) are ``tl.constexpr`` flags, so every variant
-compiles to its own branch-free kernel. Row offsets are computed in int64 and column
-offsets are widened to int64 before they are multiplied by a stride, so tensors with more
-than ``2**31`` elements, or exotic strides, are addressed correctly. ``Z`` is read through
-its strides: no ``.contiguous()`` copy is ever made.
+compiles to its own branch-free kernel. In the one-row kernels row offsets are int64 and
+column offsets are widened to int64 before they are multiplied by a stride, so tensors
+with more than ``2**31`` elements, or exotic strides, are addressed correctly. ``Z`` is
+read through its strides: no ``.contiguous()`` copy is ever made.
 
 Non-finite logits follow the reference: the log-sum-exp shift is a NaN-propagating max,
 so an expert's energy is exact (NaN if its region holds a NaN, ``-inf`` for ``+inf``), and
@@ -43,13 +64,21 @@ spills and the SASS with the ``cuobjdump`` shipped in Triton, and compares an is
 time (SASS instructions x threads / (SMs x 4 schedulers x clock)) with the memory-bound
 time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel stays
 memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus the
-output traffic. This design is issue-bound at every shape that matters (table and SASS
-analysis in ``benchmarks/results/kernel_cost.md``): one program per row pays the per-row
-work (K-vector reductions through shuffles, routing weights, stores) for only K x C
-logits, and every element pays int64 address arithmetic, a region-mask load, per-element
-``-inf`` guards and two ``exp``. The remedies, not yet built: several rows per program for
-small K x C, int32 offsets when they fit, guards per vector, and a split over C when B is
-small.
+output traffic. The one-row design was issue-bound at every shape that matters (431 / 120
+/ 63 instructions per logit, fp32 forward, at (65536,3,10) / (8192,3,100) /
+(4096,8,1000)). The multi-row kernels run about 28-31 per logit there (fp32 forward, the
+path without the underflow fallback; 52-56 counting the fallback's branch too, which
+the model cannot rule out) and 55-57 backward. What remains, from the SASS: per logit
+a load and its 64-bit address (the strides are runtime values), a NaN-propagating max,
+``(z - m) * log2 e`` and ``ex2``, the sum, the mixture's FMA and a select for the region
+mask (about 10 instructions, times BLOCK_C / C for the class padding: 1.6 at C = 10), plus
+per row the routing softmax over K, two ``div`` / ``lg2`` per expert, the stores of
+``P``, ``log P``, energies, weights and statistics (about 6 per logit at K x C = 30).
+The backward adds the upstream gradient's load, ``G / P`` per class, two multiplies and
+an FMA per logit, and the store of ``dZ`` with its own address. Rows too large for the
+multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the one-row kernels;
+a split over C for small B is not built. Table and analysis:
+``benchmarks/results/kernel_cost.md``.
 
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``
 (running max) and sum ``d = sum exp(x - m)`` of its log-sum-exp at temperature T, and at
@@ -65,6 +94,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+def _is_interpreted_early() -> bool:
+    """Whether Triton's own ``tl`` functions run in the interpreter (see ``_INTERPRETED``)."""
+    return type(tl.max).__name__ == "InterpretedFunction"
+
 
 # Largest (BLOCK_K x BLOCK_C) block one program keeps in registers, in elements.
 _MAX_TILE_FWD = 16384
@@ -681,6 +716,559 @@ def _fusion_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------
+# Multi-row kernels: BLOCK_B rows of a small K x C per program
+# ---------------------------------------------------------------------------------------
+
+# Below this a class's mixture probability may have lost digits to underflow (a term
+# ``exp(z - m_k)`` under float32's smallest normal, 2**-126, with the sum still >= 2**-100
+# is off by less than K * 2**-26 relative); such classes are recomputed in log space.
+_TINY_PROB = tl.constexpr(7.888609052210118e-31)  # 2**-100
+
+# Inner strides of the multi-row kernels are not specialised on the value 1: Triton would
+# then lay the tiles out with lanes along C (the contiguous axis), which replicates every
+# per-(row, expert) quantity on those lanes. Unspecialised, the rows axis is the fastest
+# one: a thread owns whole rows (or a slice of C of them when C is large) and the
+# per-expert reductions stay in its registers.
+_ROWS_FWD_DNS = ["stride_zk", "stride_zc", "stride_rk", "stride_rc", "stride_sk", "unit"]
+_ROWS_BWD_DNS = _ROWS_FWD_DNS + ["stride_gpc", "stride_glc", "stride_gek", "stride_gwk",
+                                 "stride_dzk", "stride_dzc"]
+
+# Compiled for a GPU, the multi-row kernels use ``ex2.approx.ftz`` (one MUFU instruction;
+# Triton's ``tl.exp`` adds a range fix-up around it, three more instructions per logit)
+# and ``div.full`` (approximate division). Under the interpreter: ``tl.exp`` and ``/``.
+_FAST_MATH = tl.constexpr(not _is_interpreted_early())
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x)``: ``2**(x log2 e)`` with a subnormal result flushed to 0 when compiled."""
+    if _FAST_MATH:
+        y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * _LOG2E],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def _log(x):
+    """``log(x)`` as ``log2(x) ln 2`` (``lg2.approx.ftz``, one MUFU) when compiled."""
+    if _FAST_MATH:
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x],
+                                      dtype=tl.float32, is_pure=True, pack=1) * _LN2
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def _rows_lse(m, d):
+    """:func:`_lse` with :func:`_log`."""
+    lse = tl.where(d > 0, _log(tl.where(d > 0, d, 1.0)) + m, float("-inf"))
+    return tl.where(m < float("inf"), lse, m)
+
+
+@triton.jit
+def _opaque(x):
+    """``x``, hidden from the compiler (an ``inline asm`` move) when compiled, so that
+    values derived from it are recomputed rather than kept live from earlier uses."""
+    if _FAST_MATH:
+        y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32,
+                                      is_pure=True, pack=1)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def _div(x, y):
+    """``x / y`` to about 2 ulp (``div.full.f32`` when compiled)."""
+    if _FAST_MATH:
+        q = tl.fdiv(x, y, ieee_rounding=False)
+    else:
+        q = x / y
+    return q
+
+
+@triton.jit
+def _row_ids(n_samples, BLOCK_B: tl.constexpr, WIDE: tl.constexpr):
+    """Rows of this program (int64 if ``WIDE``, else int32) and their in-bounds mask."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_in = offs_b < n_samples
+    if WIDE:
+        offs_b = offs_b.to(tl.int64)
+    return offs_b, b_in
+
+
+@triton.jit
+def _rows_load(src, k: tl.constexpr, rows, b_in, offs_c, c_in, HAS_REGION: tl.constexpr,
+               HAS_SAMPLE: tl.constexpr):
+    """Expert ``k`` of the program's rows; ``src`` is ``(z_ptr, stride_zb, stride_zk,
+    stride_zc, region_ptr, stride_rk, stride_rc, sample_ptr, stride_sb, stride_sk)``.
+
+    Returns the (BLOCK_C, BLOCK_B) logits as float32 (``-inf`` where not valid), their
+    valid mask (in bounds and in the region), the (BLOCK_C,) region mask of the expert
+    (loaded once per program) and the (BLOCK_B,) active flags.
+    """
+    z_ptr, stride_zb, stride_zk, stride_zc = src[0], src[1], src[2], src[3]
+    region_ptr, stride_rk, stride_rc = src[4], src[5], src[6]
+    sample_ptr, stride_sb, stride_sk = src[7], src[8], src[9]
+    cb_in = c_in[:, None] & b_in[None, :]
+    covers = c_in
+    if HAS_REGION:
+        flags = tl.load(region_ptr + k * stride_rk + offs_c * stride_rc, mask=c_in, other=0)
+        covers = c_in & (flags != 0)
+    valid = covers[:, None] & b_in[None, :]
+    z = tl.load(z_ptr + (k * stride_zk + offs_c * stride_zc)[:, None]
+                + (rows * stride_zb)[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_SAMPLE:
+        active = b_in & (tl.load(sample_ptr + rows * stride_sb + k * stride_sk, mask=b_in,
+                                 other=0) != 0)
+    else:
+        active = b_in
+    return z, valid & cb_in, covers, active
+
+
+@triton.jit
+def _rows_exp_sum(x):
+    """Per row: shift ``m`` (``-inf`` -> 0), ``e = exp(x - m)`` and its sum (axis 0)."""
+    m = _safe_max(_max_nan(x, 0))
+    e = _exp(x - m[None, :])
+    return m, e, tl.sum(e, axis=0)
+
+
+@triton.jit
+def _rows_routing_weights(energy, active, routing_temperature, N_EXPERTS: tl.constexpr,
+                          ENERGY_WEIGHTS: tl.constexpr):
+    """:func:`_routing_weights` for tuples of per-expert (BLOCK_B,) energies and flags."""
+    w = ()
+    log_w = ()
+    if ENERGY_WEIGHTS:
+        inv_tau = 1.0 / routing_temperature
+        scores = ()
+        top = tl.full(energy[0].shape, float("-inf"), tl.float32)
+        for k in tl.static_range(N_EXPERTS):
+            scores = scores + (tl.where(active[k], -energy[k] * inv_tau, float("-inf")),)
+            top = tl.maximum(top, scores[k])
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros_like(top)
+        for k in tl.static_range(N_EXPERTS):
+            total += tl.exp(scores[k] - top)
+        log_total = _log(total)
+        for k in tl.static_range(N_EXPERTS):
+            lw = tl.where(active[k], (scores[k] - top) - log_total, float("-inf"))
+            log_w = log_w + (lw,)
+            w = w + (tl.where(active[k], tl.exp(lw), 0.0),)
+    else:
+        n_active = tl.zeros(energy[0].shape, tl.float32)
+        for k in tl.static_range(N_EXPERTS):
+            n_active += active[k].to(tl.float32)
+        for k in tl.static_range(N_EXPERTS):
+            wk = tl.where(active[k], 1.0 / n_active, 0.0)
+            w = w + (wk,)
+            log_w = log_w + (tl.where(active[k], _log(tl.where(active[k], wk, 1.0)),
+                                      float("-inf")),)
+    return w, log_w
+
+
+@triton.jit
+def _rows_log_mixture(src, rows, b_in, offs_c, c_in, log_w, lse_1, N_EXPERTS: tl.constexpr,
+                      HAS_REGION: tl.constexpr, HAS_SAMPLE: tl.constexpr):
+    """``log P`` of ``combine="prob"`` in log space (as :func:`_mixture_log_probs`) and
+    the per-expert terms ``log W_k + Z_kc - lse1_k`` (tuples over the experts).
+
+    The underflow fallback: it reloads the logits (from the cache) rather than keep them
+    in registers through the fast path."""
+    terms = ()
+    contrib = ()
+    top = tl.full([offs_c.shape[0], rows.shape[0]], float("-inf"), tl.float32)
+    # Addresses recomputed here: kept live from the fast path they would cost registers.
+    rows_again = _opaque(rows.to(tl.int32)).to(rows.dtype)
+    offs_c_again = _opaque(offs_c)
+    for k in tl.static_range(N_EXPERTS):
+        z_k, valid_k, _, active_k = _rows_load(src, k, rows_again, b_in, offs_c_again, c_in,
+                                               HAS_REGION, HAS_SAMPLE)
+        contrib = contrib + (valid_k & active_k[None, :],)
+        shift = (tl.where(log_w[k] == float("-inf"), 0.0, log_w[k])
+                 - tl.where(lse_1[k] == float("-inf"), 0.0, lse_1[k]))
+        terms = terms + (tl.where(contrib[k], shift[None, :] + z_k, float("-inf")),)
+        top = tl.maximum(top, terms[k])
+    top = _safe_max(top)
+    total = tl.zeros_like(top)
+    for k in tl.static_range(N_EXPERTS):
+        total += _exp(terms[k] - top)
+    log_p = tl.where(total > 0, _log(tl.where(total > 0, total, 1.0)) + top, float("-inf"))
+    return log_p, terms, contrib
+
+
+@triton.jit
+def _rows_any(flags):
+    """Whether a (BLOCK_C, BLOCK_B) boolean tile holds a ``True`` (a scalar)."""
+    return tl.max(tl.max(flags.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _rows_prob_mixture(src, rows, b_in, offs_c, c_in, e_1, d_1, w, log_w, lse_1, covers,
+                       active, contrib, N_EXPERTS: tl.constexpr, HAS_REGION: tl.constexpr,
+                       HAS_SAMPLE: tl.constexpr, UNDERFLOW_FALLBACK: tl.constexpr):
+    """``P`` and ``log P`` of ``combine="prob"`` from ``e_1 = exp(z - m_1)`` (no new exp).
+
+    ``P_c = sum_k (W_k / d_k) e_kc``; ``log P = log P_c``. Where a covered class has
+    ``P_c < 2**-100`` its terms may have underflowed: if the tile holds such a class, its
+    ``log P`` and ``P`` are recomputed in log space as the reference does
+    (``UNDERFLOW_FALLBACK``; only the offline cost model turns it off, to count the
+    instructions of the path taken when no probability is that small).
+    Returns ``P``, ``log P``, the classes recomputed, and ``a_k = W_k / d_k``.
+    """
+    mix = tl.zeros(e_1[0].shape, tl.float32)
+    covered = tl.zeros(e_1[0].shape, tl.int1)
+    a = ()
+    for k in tl.static_range(N_EXPERTS):
+        a_k = tl.where(d_1[k] > 0, _div(w[k], tl.where(d_1[k] > 0, d_1[k], 1.0)), 0.0)
+        a = a + (a_k,)
+        if HAS_SAMPLE:  # an inactive expert's NaN must not reach the mixture
+            mix += a_k[None, :] * tl.where(contrib[k], e_1[k], 0.0)
+            covered = covered | (covers[k][:, None] & active[k][None, :])
+        else:
+            mix += a_k[None, :] * e_1[k]
+            covered = covered | covers[k][:, None]
+    log_p = _log(mix)
+    need = (mix < _TINY_PROB) & covered & c_in[:, None]
+    if UNDERFLOW_FALLBACK:
+        if _rows_any(need):
+            log_p_slow, _, _ = _rows_log_mixture(src, rows, b_in, offs_c, c_in, log_w, lse_1,
+                                                 N_EXPERTS, HAS_REGION, HAS_SAMPLE)
+            log_p = tl.where(need, log_p_slow, log_p)
+            mix = tl.where(need, _exp(log_p_slow), mix)
+    return mix, log_p, need, a
+
+
+@triton.jit(do_not_specialize=_ROWS_FWD_DNS)
+def _fusion_fwd_rows_kernel(
+    z_ptr, stride_zb, stride_zk, stride_zc,
+    region_ptr, stride_rk, stride_rc,
+    sample_ptr, stride_sb, stride_sk,
+    probs_ptr, log_probs_ptr, energy_ptr, weights_ptr,
+    row_stats_ptr, stride_stats, class_stats_ptr,
+    n_samples, unit,
+    energy_temperature, routing_temperature,
+    HAS_REGION: tl.constexpr,
+    HAS_SAMPLE: tl.constexpr,
+    ENERGY_WEIGHTS: tl.constexpr,
+    PROB_COMBINE: tl.constexpr,
+    HAS_T: tl.constexpr,
+    STORE_LOG_PROBS: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    WIDE: tl.constexpr,
+    N_EXPERTS: tl.constexpr,
+    N_CLASSES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UNDERFLOW_FALLBACK: tl.constexpr = True,
+):
+    """:func:`_fusion_fwd_kernel` for ``BLOCK_B`` whole rows per program (``C <= BLOCK_C``).
+
+    Same arguments, except: ``n_samples`` (B); ``unit`` (the value 1, not specialised:
+    the stride of the outputs' inner axes, see ``_ROWS_FWD_DNS``); ``WIDE`` (offsets in
+    int64, else int32 when every offset fits); ``K`` and ``C`` are compile-time
+    ``N_EXPERTS`` and ``N_CLASSES``: the experts are unrolled, each a (BLOCK_C, BLOCK_B)
+    tile (no padding along K), and the mixture over experts is elementwise.
+
+    The region mask is loaded once per program, the guards act on per-(expert, row) or
+    per-(class, row) vectors, and each logit costs one ``exp`` (``combine="prob"`` mixes
+    the probabilities ``exp(z - m_k) / d_k`` of the log-sum-exp, falling back to log space
+    only for classes whose probability is under ``2**-100``).
+    """
+    rows, b_in = _row_ids(n_samples, BLOCK_B, WIDE)
+    src = (z_ptr, stride_zb, stride_zk, stride_zc, region_ptr, stride_rk, stride_rc,
+           sample_ptr, stride_sb, stride_sk)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_in = offs_c < N_CLASSES
+    cb_in = c_in[:, None] & b_in[None, :]
+
+    # 1. Per-expert log-sum-exp at temperature T (energy) and 1 (softmax).
+    z = ()
+    valid = ()
+    covers = ()
+    active = ()
+    contrib = ()
+    m_t = ()
+    d_t = ()
+    e_1 = ()
+    m_1 = ()
+    d_1 = ()
+    lse_t = ()
+    lse_1 = ()
+    energy = ()
+    poisoned = tl.zeros([BLOCK_B], tl.int1)
+    for k in tl.static_range(N_EXPERTS):
+        z_k, valid_k, covers_k, active_k = _rows_load(src, k, rows, b_in, offs_c, c_in,
+                                                      HAS_REGION, HAS_SAMPLE)
+        if HAS_T:
+            mt_k, _, dt_k = _rows_exp_sum(_div(z_k, energy_temperature))
+            m1_k, e1_k, d1_k = _rows_exp_sum(z_k)
+        else:
+            mt_k, e1_k, dt_k = _rows_exp_sum(z_k)
+            m1_k, d1_k = mt_k, dt_k
+        z = z + (z_k,)
+        valid = valid + (valid_k,)
+        covers = covers + (covers_k,)
+        active = active + (active_k,)
+        contrib = contrib + (valid_k & active_k[None, :],)
+        m_t = m_t + (mt_k,)
+        d_t = d_t + (dt_k,)
+        e_1 = e_1 + (e1_k,)
+        m_1 = m_1 + (m1_k,)
+        d_1 = d_1 + (d1_k,)
+        lse_t = lse_t + (_rows_lse(mt_k, dt_k),)
+        lse_1 = lse_1 + (_rows_lse(m1_k, d1_k),)
+        energy = energy + (-energy_temperature * lse_t[k],)
+        poisoned = poisoned | (active_k & ~(lse_1[k] < float("inf")))
+
+    # 2. Energies and routing weights.
+    w, log_w = _rows_routing_weights(energy, active, routing_temperature, N_EXPERTS,
+                                     ENERGY_WEIGHTS)
+    out_k = rows * N_EXPERTS
+    stats = row_stats_ptr + rows * stride_stats
+    for k in tl.static_range(N_EXPERTS):
+        tl.store(energy_ptr + out_k + k * unit, energy[k], mask=b_in)
+        tl.store(weights_ptr + out_k + k * unit, w[k], mask=b_in)
+        if SAVE_STATS:
+            tl.store(stats + k * unit, m_t[k], mask=b_in)
+            tl.store(stats + (N_EXPERTS + k) * unit, d_t[k], mask=b_in)
+            if HAS_T and PROB_COMBINE:
+                tl.store(stats + (2 * N_EXPERTS + k) * unit, m_1[k], mask=b_in)
+                tl.store(stats + (3 * N_EXPERTS + k) * unit, d_1[k], mask=b_in)
+
+    # 3. Combination.
+    if PROB_COMBINE:
+        probs, log_p, _, _ = _rows_prob_mixture(src, rows, b_in, offs_c, c_in, e_1, d_1, w,
+                                                log_w, lse_1, covers, active, contrib,
+                                                N_EXPERTS, HAS_REGION, HAS_SAMPLE,
+                                                UNDERFLOW_FALLBACK)
+    else:
+        s = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+        for k in tl.static_range(N_EXPERTS):
+            s += w[k][None, :] * tl.where(contrib[k] & (w[k] > 0)[None, :], z[k], 0.0)
+        s = tl.where(c_in[:, None], s, float("-inf"))
+        m_s = tl.max(s, axis=0)
+        d_s = tl.sum(_exp(s - m_s[None, :]), axis=0)
+        log_p = (s - m_s[None, :]) - _log(d_s)[None, :]
+        probs = _exp(log_p)
+        if SAVE_STATS:
+            tl.store(class_stats_ptr + 2 * rows, m_s, mask=b_in)
+            tl.store(class_stats_ptr + 2 * rows + 1, d_s, mask=b_in)
+    log_p = tl.where(poisoned[None, :], float("nan"), log_p)
+    probs = tl.where(poisoned[None, :], float("nan"), probs)
+    out_c = offs_c[:, None] * unit + (rows * N_CLASSES)[None, :]
+    tl.store(probs_ptr + out_c, probs, mask=cb_in)
+    if STORE_LOG_PROBS:
+        tl.store(log_probs_ptr + out_c, log_p, mask=cb_in)
+
+
+@triton.jit(do_not_specialize=_ROWS_BWD_DNS)
+def _fusion_bwd_rows_kernel(
+    z_ptr, stride_zb, stride_zk, stride_zc,
+    region_ptr, stride_rk, stride_rc,
+    sample_ptr, stride_sb, stride_sk,
+    row_stats_ptr, stride_stats, class_stats_ptr,
+    grad_probs_ptr, stride_gpb, stride_gpc,
+    grad_log_probs_ptr, stride_glb, stride_glc,
+    grad_energy_ptr, stride_geb, stride_gek,
+    grad_weights_ptr, stride_gwb, stride_gwk,
+    grad_z_ptr, stride_dzb, stride_dzk, stride_dzc,
+    n_samples, unit,
+    energy_temperature, routing_temperature,
+    HAS_REGION: tl.constexpr,
+    HAS_SAMPLE: tl.constexpr,
+    ENERGY_WEIGHTS: tl.constexpr,
+    PROB_COMBINE: tl.constexpr,
+    HAS_T: tl.constexpr,
+    HAS_GRAD_PROBS: tl.constexpr,
+    HAS_GRAD_LOG_PROBS: tl.constexpr,
+    HAS_GRAD_ENERGY: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr,
+    NEEDS_G: tl.constexpr,
+    WIDE: tl.constexpr,
+    N_EXPERTS: tl.constexpr,
+    N_CLASSES: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    UNDERFLOW_FALLBACK: tl.constexpr = True,
+):
+    """:func:`_fusion_bwd_kernel` for ``BLOCK_B`` whole rows per program (``C <= BLOCK_C``),
+    with the conventions of :func:`_fusion_fwd_rows_kernel`.
+
+    Same formulas; with ``combine="prob"`` the responsibilities reuse the rebuilt
+    ``e_kc = exp(z_kc - m_k)``: ``r_kc = (W_k / d_k) e_kc / P_c``, so that
+    ``dZ_kc = e_kc (W_k G_c / (d_k P_c) - R_k / d_k) - gE_k q_kc`` costs one ``exp`` per
+    logit (two with ``T != 1``); classes with ``P_c < 2**-100`` use log space.
+    """
+    rows, b_in = _row_ids(n_samples, BLOCK_B, WIDE)
+    src = (z_ptr, stride_zb, stride_zk, stride_zc, region_ptr, stride_rk, stride_rc,
+           sample_ptr, stride_sb, stride_sk)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_in = offs_c < N_CLASSES
+    cb_in = c_in[:, None] & b_in[None, :]
+    stats = row_stats_ptr + rows * stride_stats
+
+    z = ()
+    covers = ()
+    active = ()
+    contrib = ()
+    e_t = ()
+    inv_d_t = ()
+    e_1 = ()
+    d_1 = ()
+    inv_d_1 = ()
+    lse_1 = ()
+    energy = ()
+    for k in tl.static_range(N_EXPERTS):
+        z_k, valid_k, covers_k, active_k = _rows_load(src, k, rows, b_in, offs_c, c_in,
+                                                      HAS_REGION, HAS_SAMPLE)
+        mt_k = tl.load(stats + k * unit, mask=b_in, other=0.0)
+        dt_k = tl.load(stats + (N_EXPERTS + k) * unit, mask=b_in, other=0.0)
+        if HAS_T and PROB_COMBINE:
+            m1_k = tl.load(stats + (2 * N_EXPERTS + k) * unit, mask=b_in, other=0.0)
+            d1_k = tl.load(stats + (3 * N_EXPERTS + k) * unit, mask=b_in, other=0.0)
+        else:
+            m1_k, d1_k = mt_k, dt_k
+        if HAS_T:
+            et_k = _exp(_div(z_k, energy_temperature) - mt_k[None, :])
+        else:
+            et_k = _exp(z_k - mt_k[None, :])
+        if HAS_T and PROB_COMBINE:
+            e1_k = _exp(z_k - m1_k[None, :])
+        else:
+            e1_k = et_k
+        z = z + (z_k,)
+        covers = covers + (covers_k,)
+        active = active + (active_k,)
+        contrib = contrib + (valid_k & active_k[None, :],)
+        e_t = e_t + (et_k,)
+        inv_d_t = inv_d_t + (tl.where(dt_k > 0, _div(1.0, tl.where(dt_k > 0, dt_k, 1.0)), 0.0),)
+        e_1 = e_1 + (e1_k,)
+        d_1 = d_1 + (d1_k,)
+        inv_d_1 = inv_d_1 + (tl.where(d1_k > 0, _div(1.0, tl.where(d1_k > 0, d1_k, 1.0)),
+                                      0.0),)
+        lse_1 = lse_1 + (_rows_lse(m1_k, d1_k),)
+        energy = energy + (-energy_temperature * _rows_lse(mt_k, dt_k),)
+    w, log_w = _rows_routing_weights(energy, active, routing_temperature, N_EXPERTS,
+                                     ENERGY_WEIGHTS)
+
+    # Pass A: per-expert reductions over the classes of G (only if log P / P get gradients).
+    red_prob = ()  # prob: R_k = sum_c G_c r_kc
+    g_r = ()  # prob: G_c r_kc
+    red_w = ()  # logit: sum_c M Z G - sum G * sum_c M Z P (the gradient reaching W_k)
+    sum_g = tl.zeros([BLOCK_B], tl.float32)
+    probs = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+    log_p = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+    g = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+    if NEEDS_G:
+        if PROB_COMBINE:
+            probs, log_p, need, a = _rows_prob_mixture(
+                src, rows, b_in, offs_c, c_in, e_1, d_1, w, log_w, lse_1, covers, active,
+                contrib, N_EXPERTS, HAS_REGION, HAS_SAMPLE, UNDERFLOW_FALLBACK)
+        else:
+            m_s = tl.load(class_stats_ptr + 2 * rows, mask=b_in, other=0.0)
+            log_d_s = _log(tl.load(class_stats_ptr + 2 * rows + 1, mask=b_in, other=1.0))
+            s = tl.zeros([BLOCK_C, BLOCK_B], tl.float32)
+            for k in tl.static_range(N_EXPERTS):
+                s += w[k][None, :] * tl.where(contrib[k] & (w[k] > 0)[None, :], z[k], 0.0)
+            log_p = tl.where(c_in[:, None], (s - m_s[None, :]) - log_d_s[None, :],
+                             float("-inf"))
+            probs = _exp(log_p)
+        if HAS_GRAD_LOG_PROBS:
+            g += tl.load(grad_log_probs_ptr + offs_c[:, None] * stride_glc
+                         + (rows * stride_glb)[None, :], mask=cb_in, other=0.0).to(tl.float32)
+        if HAS_GRAD_PROBS:
+            gp = tl.load(grad_probs_ptr + offs_c[:, None] * stride_gpc
+                         + (rows * stride_gpb)[None, :], mask=cb_in, other=0.0).to(tl.float32)
+            g += tl.where(cb_in, gp * probs, 0.0)
+        if PROB_COMBINE:
+            # G_c r_kc = e_kc a_k G_c / P_c with a_k = W_k / d_k (log space where P_c is tiny).
+            h = tl.where(probs > 0, _div(g, tl.where(probs > 0, probs, 1.0)), 0.0)
+            for k in tl.static_range(N_EXPERTS):
+                if HAS_SAMPLE:
+                    g_r = g_r + (tl.where(contrib[k], e_1[k], 0.0) * (a[k][None, :] * h),)
+                else:
+                    g_r = g_r + (e_1[k] * (a[k][None, :] * h),)
+            if UNDERFLOW_FALLBACK:
+                if _rows_any(need):
+                    _, terms, contrib_slow = _rows_log_mixture(
+                        src, rows, b_in, offs_c, c_in, log_w, lse_1, N_EXPERTS, HAS_REGION,
+                        HAS_SAMPLE)
+                    log_p_safe = tl.where(log_p == float("-inf"), 0.0, log_p)
+                    slow = ()
+                    for k in tl.static_range(N_EXPERTS):
+                        resp = tl.where(contrib_slow[k], _exp(terms[k] - log_p_safe), 0.0)
+                        slow = slow + (tl.where(need, resp * g, g_r[k]),)
+                    g_r = slow
+            for k in tl.static_range(N_EXPERTS):
+                red_prob = red_prob + (tl.sum(g_r[k], axis=0),)
+        else:
+            sum_g = tl.sum(g, axis=0)
+            g_live = tl.where(log_p > float("-inf"), g, 0.0)
+            for k in tl.static_range(N_EXPERTS):
+                zm = tl.where(contrib[k] & (z[k] > float("-inf")), z[k], 0.0)
+                red_w = red_w + (tl.sum(zm * g_live, axis=0) - sum_g * tl.sum(zm * probs, axis=0),)
+
+    # Per-expert totals: gradient reaching E (directly and through the routing weights).
+    grad_e = ()
+    for k in tl.static_range(N_EXPERTS):
+        ge_k = tl.zeros([BLOCK_B], tl.float32)
+        if HAS_GRAD_ENERGY:
+            ge_k += tl.load(grad_energy_ptr + rows * stride_geb + k * stride_gek,
+                            mask=b_in, other=0.0).to(tl.float32)
+        grad_e = grad_e + (ge_k,)
+    if ENERGY_WEIGHTS:
+        grad_w = ()
+        for k in tl.static_range(N_EXPERTS):
+            gw_k = tl.zeros([BLOCK_B], tl.float32)
+            if HAS_GRAD_WEIGHTS:
+                gw_k += tl.load(grad_weights_ptr + rows * stride_gwb + k * stride_gwk,
+                                mask=b_in, other=0.0).to(tl.float32)
+            if NEEDS_G and not PROB_COMBINE:
+                gw_k += red_w[k]
+            grad_w = grad_w + (gw_k,)
+        w_gw = tl.zeros([BLOCK_B], tl.float32)
+        sum_r = tl.zeros([BLOCK_B], tl.float32)
+        for k in tl.static_range(N_EXPERTS):
+            w_gw += w[k] * grad_w[k]
+            if NEEDS_G and PROB_COMBINE:
+                sum_r += red_prob[k]
+        inv_tau = 1.0 / routing_temperature
+        total = ()
+        for k in tl.static_range(N_EXPERTS):
+            grad_scores = w[k] * (grad_w[k] - w_gw)
+            if NEEDS_G and PROB_COMBINE:
+                grad_scores += red_prob[k] - w[k] * sum_r
+            total = total + (grad_e[k] - grad_scores * inv_tau,)
+        grad_e = total
+
+    # Pass B: dZ for every in-bounds entry (zeros outside the regions).
+    if NEEDS_G and not PROB_COMBINE:
+        grad_s = tl.where(log_p > float("-inf"), g, 0.0) - probs * sum_g[None, :]
+    dz_row = (rows * stride_dzb)[None, :]
+    for k in tl.static_range(N_EXPERTS):
+        coef_t = -grad_e[k] * inv_d_t[k]
+        if NEEDS_G and PROB_COMBINE:
+            coef_1 = -red_prob[k] * inv_d_1[k]
+            if HAS_T:
+                dz = g_r[k] + e_1[k] * coef_1[None, :] + e_t[k] * coef_t[None, :]
+            else:
+                dz = g_r[k] + e_1[k] * (coef_1 + coef_t)[None, :]
+        else:
+            dz = e_t[k] * coef_t[None, :]
+            if NEEDS_G:
+                dz += tl.where(contrib[k], w[k][None, :] * grad_s, 0.0)
+        tl.store(grad_z_ptr + (k * stride_dzk + offs_c * stride_dzc)[:, None] + dz_row, dz,
+                 mask=cb_in)
+
+
+# ---------------------------------------------------------------------------------------
 # Block sizes and autotuning
 # ---------------------------------------------------------------------------------------
 
@@ -773,6 +1361,86 @@ def _launch(tuned, fixed, grid, args: tuple, flags: dict) -> None:
         fixed[grid](*args, **flags, BLOCK_C=_BLOCK_C_OVERRIDE, num_warps=1)
 
 
+# Multi-row kernels: a row of BLOCK_K x BLOCK_C slots at most this large goes to them.
+_MAX_ROW_FWD = 8192
+_MAX_ROW_BWD = 8192
+# Logits held per thread by a multi-row program, at most (compiled for sm_90 offline by
+# benchmarks/kernel_cost.py: no config within these bounds spills, for K <= 16).
+_ROWS_PER_THREAD_FWD = (16, 64)
+_ROWS_PER_THREAD_BWD = (16, 48)
+_BLOCK_B_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_ROWS_WARP_CHOICES = (1, 2, 4, 8)
+# Under the interpreter: two rows per program, so that small tests cover several rows per
+# program and a partial last block. Tests set the override to force another block.
+_INTERPRETER_BLOCK_B = 2
+_BLOCK_B_OVERRIDE: int | None = None
+
+
+def _rows_configs() -> list[triton.Config]:
+    if _INTERPRETED:
+        return [triton.Config({"BLOCK_B": _INTERPRETER_BLOCK_B}, num_warps=1)]
+    return [triton.Config({"BLOCK_B": block_b}, num_warps=warps)
+            for block_b in _BLOCK_B_CHOICES for warps in _ROWS_WARP_CHOICES]
+
+
+def _make_rows_pruner(per_thread: tuple[int, int]):
+    """Keep the configs holding ``per_thread`` logits (min, max) per thread."""
+    low, high = per_thread
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        row = args["N_EXPERTS"] * args["BLOCK_C"]
+        kept = [c for c in configs
+                if low <= c.kwargs["BLOCK_B"] * row / (32 * c.num_warps) <= high]
+        if not kept:  # a row larger than the bound: one row, as many warps as possible
+            kept = [max((c for c in configs if c.kwargs["BLOCK_B"] == 1),
+                        key=lambda c: c.num_warps)]
+        return kept
+
+    return prune
+
+
+_ROWS_KEY = ["N_EXPERTS", "N_CLASSES", "HAS_REGION", "HAS_SAMPLE", "ENERGY_WEIGHTS",
+             "PROB_COMBINE", "HAS_T", "WIDE", "BLOCK_C"]
+_fwd_rows_tuned = triton.autotune(
+    configs=_rows_configs(), key=_ROWS_KEY + ["STORE_LOG_PROBS", "SAVE_STATS"],
+    prune_configs_by={"early_config_prune": _make_rows_pruner(_ROWS_PER_THREAD_FWD)},
+)(_fusion_fwd_rows_kernel)
+_bwd_rows_tuned = triton.autotune(
+    configs=_rows_configs(),
+    key=_ROWS_KEY + ["HAS_GRAD_PROBS", "HAS_GRAD_LOG_PROBS", "HAS_GRAD_ENERGY",
+                     "HAS_GRAD_WEIGHTS", "NEEDS_G"],
+    prune_configs_by={"early_config_prune": _make_rows_pruner(_ROWS_PER_THREAD_BWD)},
+)(_fusion_bwd_rows_kernel)
+
+
+def _use_rows(n_experts: int, n_classes: int, max_row: int) -> bool:
+    """Whether the multi-row kernel takes this shape (whole rows in registers)."""
+    return (_BLOCK_C_OVERRIDE is None
+            and n_experts * triton.next_power_of_2(n_classes) <= max_row)
+
+
+def _launch_rows(kernel, n_samples: int, args: tuple, flags: dict) -> None:
+    """Launch a multi-row kernel over ``n_samples`` rows (``args`` end before B, K, C)."""
+    if _BLOCK_B_OVERRIDE is None:
+        grid = lambda meta: (triton.cdiv(n_samples, meta["BLOCK_B"]),)  # noqa: E731
+        kernel[grid](*args, **flags)
+    else:
+        kernel.fn[(triton.cdiv(n_samples, _BLOCK_B_OVERRIDE),)](
+            *args, **flags, BLOCK_B=_BLOCK_B_OVERRIDE, num_warps=1)
+
+
+def _int64_needed(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of these tensors can pass ``2**31 - 1``, the
+    rows of a last, partial block included (masked lanes still compute their offsets)."""
+    for t in tensors:
+        last = sum((size - 1) * abs(stride)
+                   for size, stride in zip(t.shape, t.stride(), strict=True))
+        if last + max(_BLOCK_B_CHOICES) * abs(t.stride(0)) >= 2**31 - 1:
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------------------
 # Host launchers
 # ---------------------------------------------------------------------------------------
@@ -850,7 +1518,16 @@ def _fusion_forward(
         "SAVE_STATS": save_stats,
         "BLOCK_K": _block_k(n_experts),
     }
-    _launch(_fwd_tuned, _fwd_fixed, (n_samples,), args, flags)
+    if _use_rows(n_experts, n_classes, _MAX_ROW_FWD):
+        args = (*args[:-4], n_samples, 1, *args[-2:])
+        flags["WIDE"] = _int64_needed(
+            Z, probs, energy, *(t for t in (row_stats, class_stats) if t is not None))
+        flags.pop("BLOCK_K")
+        flags.update(N_EXPERTS=n_experts, N_CLASSES=n_classes,
+                     BLOCK_C=triton.next_power_of_2(n_classes))
+        _launch_rows(_fwd_rows_tuned, n_samples, args, flags)
+    else:
+        _launch(_fwd_tuned, _fwd_fixed, (n_samples,), args, flags)
     return probs, energy, weights, log_probs, (row_stats, class_stats)
 
 
@@ -913,5 +1590,16 @@ def _fusion_backward(
         "NEEDS_G": grad_probs is not None or grad_log_probs is not None,
         "BLOCK_K": _block_k(n_experts),
     }
-    _launch(_bwd_tuned, _bwd_fixed, (n_samples,), args, flags)
+    if _use_rows(n_experts, n_classes, _MAX_ROW_BWD):
+        args = (*args[:-4], n_samples, 1, *args[-2:])
+        grads = (t for t in (grad_probs, grad_log_probs, grad_energy, grad_weights)
+                 if t is not None)
+        flags["WIDE"] = _int64_needed(
+            Z, grad_z, row_stats, *(t for t in (class_stats,) if t is not None), *grads)
+        flags.pop("BLOCK_K")
+        flags.update(N_EXPERTS=n_experts, N_CLASSES=n_classes,
+                     BLOCK_C=triton.next_power_of_2(n_classes))
+        _launch_rows(_bwd_rows_tuned, n_samples, args, flags)
+    else:
+        _launch(_bwd_tuned, _bwd_fixed, (n_samples,), args, flags)
     return grad_z

@@ -393,6 +393,111 @@ def test_property_random_small_shapes(B, K, C, block, weighting, combine, masks,
 
 
 # ---------------------------------------------------------------------------------------
+# Interpreter: the multi-row kernels (several rows per program, small K x C)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def block_b(monkeypatch):
+    """Force the multi-row kernels' rows per program (``None``: the configured two)."""
+
+    def force(value):
+        monkeypatch.setattr(kernels, "_BLOCK_B_OVERRIDE", value)
+
+    return force
+
+
+def test_small_rows_take_the_multi_row_kernels():
+    """The shapes below exercise the multi-row kernels, not the one-row kernel."""
+    for K, C in ((1, 1), (3, 10), (4, 9), (3, 100), (8, 1000)):
+        assert kernels._use_rows(K, C, kernels._MAX_ROW_FWD)
+        assert kernels._use_rows(K, C, kernels._MAX_ROW_BWD)
+    assert not kernels._use_rows(8, 2500, kernels._MAX_ROW_FWD)
+
+
+@interpreter_test
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_multi_row_kernel_matches_reference(rows, weighting, combine, variant, block_b):
+    """B = 7 rows, ``rows`` per program: several programs, a partial last block."""
+    block_b(rows)
+    options = dict(VARIANTS[variant])
+    Z, region, sample = make_case(7, 3, 10, masks=options.pop("masks"), seed=rows)
+    compare(Z, region, sample, weighting=weighting, combine=combine, **options)
+
+
+@interpreter_test
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+def test_multi_row_kernel_int64_offsets(combine, block_b, monkeypatch):
+    """The ``WIDE`` (int64 offsets) variant, forced on small strided tensors."""
+    block_b(4)
+    monkeypatch.setattr(kernels, "_int64_needed", lambda *tensors: True)
+    Z, region, sample = make_case(5, 4, 9, strided=True, seed=3)
+    compare(Z, region, sample, combine=combine, energy_temperature=1.5)
+
+
+@interpreter_test
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("masks", [None, "region", "both"])
+def test_multi_row_underflow_fallback(weighting, masks, block_b):
+    """Classes whose mixture probability is under ``2**-100`` (log P far below -69) are
+    recomputed in log space: ``log P`` stays finite and exact, as in the reference, and
+    so do the gradients; rows without such classes share the program (BLOCK_B = 4)."""
+    block_b(4)
+    Z, region, sample = make_case(6, 3, 8, masks=masks, seed=41)
+    Z[0, :, 0] = 150.0  # class 0 dominates: the others get log P near -150
+    Z[2] = Z[2] * 40.0  # log P down to about -300 for some classes
+    Z[3, 1, 2] = -500.0  # one expert's logit far below the others
+    Z[5, :, :4] = -1e3  # half the classes of a row out of reach, from every expert
+    ref = fuse_experts(Z, region_mask=region, sample_mask=sample, weighting=weighting,
+                       return_log_probs=True, backend="torch")
+    finite = torch.isfinite(ref.log_probs)
+    assert (ref.log_probs[finite] < -69.4).any()  # the fallback is exercised
+    compare(Z, region, sample, weighting=weighting, grads=("log_probs", "energy"),
+            rtol_factor=_LARGE_LOGIT_FACTOR / 10)
+
+
+@interpreter_test
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("combine", ["prob", "logit"])
+@pytest.mark.parametrize("T", [1.0, 1.5])
+def test_multi_row_nan_and_inf_logits(weighting, combine, T, block_b):
+    """NaN / +inf / -inf logits in a multi-row program (4 rows, the last block partial):
+    the poisoned rows are NaN, the others (same program) match the reference, gradients
+    included; a -inf logit is compared everywhere."""
+    block_b(4)
+    g = torch.Generator().manual_seed(43)
+    Z = torch.randn(7, 3, 5, generator=g)
+    region = torch.ones(3, 5, dtype=torch.bool)
+    region[0, 4] = False
+    sample = torch.tensor([[True, True, False]] * 7)
+    Z[0, 1, 2] = torch.inf
+    Z[1, 0, 1] = torch.nan
+    Z[4, 0, 4] = torch.inf  # outside expert 0's region
+    Z[5, 1, 3] = -torch.inf
+    Z[6, 2, 0] = torch.nan  # inactive expert
+    kwargs = dict(region_mask=region, sample_mask=sample, weighting=weighting,
+                  combine=combine, energy_temperature=T, return_log_probs=True)
+    z_ref = Z.clone().requires_grad_()
+    z_tri = Z.clone().requires_grad_()
+    ref = fuse_experts(z_ref, backend="torch", **kwargs)
+    tri = fuse_experts(z_tri, backend="triton", **kwargs)
+    for name in ("probs", "energy", "weights", "log_probs"):
+        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
+        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
+    assert torch.isnan(tri.probs[:2]).all() and torch.isfinite(tri.probs[2:]).all()
+    clean = [2, 3, 4, 5]
+    upstream = torch.randn(7, 5, generator=g)
+    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
+    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
+    ok = torch.isfinite(Z) | (Z == -torch.inf)
+    assert torch.isfinite(grad_tri[clean][ok[clean]]).all()
+    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
 # Compiled kernels on a GPU (skipped without CUDA)
 # ---------------------------------------------------------------------------------------
 
