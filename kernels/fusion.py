@@ -1298,16 +1298,19 @@ def _make_pruner(max_tile: int):
     """Keep the three largest ``BLOCK_C`` that fit a row (or the register budget).
 
     For each, keep ``num_warps`` giving 4 to 32 elements per thread, so about ten configs
-    are timed per key instead of the full grid. (Compiled for sm_90 offline, blocks of up
-    to 32 elements per thread do not spill for K <= 8; with K = 16 the per-expert vectors
-    that every thread replicates push the tiled backward to 255 registers, hence the
-    smaller blocks in the candidate set.)
+    are timed per key instead of the full grid. Configs that spill are left out: compiled
+    for sm_90 offline (``benchmarks/kernel_cost.py --all-configs``), 16 warps cap a thread
+    at 128 registers and spill at K = 16, and 32 elements per thread spill with 8 warps
+    (K = 16 forward) or in the backward of 16-bit logits (K = 4), so none is kept.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         block_k = args["BLOCK_K"]
         n_classes = args["n_classes"]
+        backward = max_tile <= _MAX_TILE_BWD
+        z = args.get("z_ptr")
+        fp32 = z is None or z.dtype == torch.float32
         top = min(max(16, triton.next_power_of_2(n_classes)), max(16, max_tile // block_k))
         wanted = {top, max(16, top // 2), max(16, top // 4)}
         kept = []
@@ -1316,7 +1319,8 @@ def _make_pruner(max_tile: int):
             if block_c not in wanted:
                 continue
             per_thread = block_k * block_c / (32 * config.num_warps)
-            if 4 <= per_thread <= 32:
+            high = 16 if config.num_warps >= 8 or (backward and not fp32) else 32
+            if 4 <= per_thread <= high and config.num_warps <= 8:
                 kept.append(config)
         if not kept:
             kept = [c for c in configs if c.kwargs["BLOCK_C"] == top and c.num_warps == 1]
@@ -1325,11 +1329,16 @@ def _make_pruner(max_tile: int):
     return prune
 
 
+def _config_grid() -> list[triton.Config]:
+    """Every config of the one-row kernels, before pruning."""
+    return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
+            for block_c in _BLOCK_C_CHOICES for warps in _WARP_CHOICES]
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRETED:
         return [triton.Config({"BLOCK_C": _INTERPRETER_BLOCK_C}, num_warps=1)]
-    return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
-            for block_c in _BLOCK_C_CHOICES for warps in _WARP_CHOICES]
+    return _config_grid()
 
 
 def _single_tile(args: dict) -> bool:
@@ -1376,11 +1385,16 @@ _INTERPRETER_BLOCK_B = 2
 _BLOCK_B_OVERRIDE: int | None = None
 
 
+def _rows_config_grid() -> list[triton.Config]:
+    """Every config of the multi-row kernels, before pruning."""
+    return [triton.Config({"BLOCK_B": block_b}, num_warps=warps)
+            for block_b in _BLOCK_B_CHOICES for warps in _ROWS_WARP_CHOICES]
+
+
 def _rows_configs() -> list[triton.Config]:
     if _INTERPRETED:
         return [triton.Config({"BLOCK_B": _INTERPRETER_BLOCK_B}, num_warps=1)]
-    return [triton.Config({"BLOCK_B": block_b}, num_warps=warps)
-            for block_b in _BLOCK_B_CHOICES for warps in _ROWS_WARP_CHOICES]
+    return _rows_config_grid()
 
 
 def _make_rows_pruner(per_thread: tuple[int, int]):
