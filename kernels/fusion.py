@@ -62,22 +62,22 @@ Cost (read offline, without a GPU)
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))``), reads registers,
 spills and the SASS with the ``cuobjdump`` shipped in Triton, and compares an issue-bound
 time (SASS instructions x threads / (SMs x 4 schedulers x clock)) with the memory-bound
-time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel stays
-memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus the
-output traffic. The one-row design was issue-bound at every shape that matters (431 / 120
-/ 63 instructions per logit, fp32 forward, at (65536,3,10) / (8192,3,100) /
+time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel
+stays memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus
+the output traffic. The one-row design was issue-bound at every shape that matters (431 /
+120 / 63 instructions per logit, fp32 forward, at (65536,3,10) / (8192,3,100) /
 (4096,8,1000)). The multi-row kernels run about 28-31 per logit there (fp32 forward, the
-path without the underflow fallback; 52-56 counting the fallback's branch too, which
-the model cannot rule out) and 55-57 backward. What remains, from the SASS: per logit
-a load and its 64-bit address (the strides are runtime values), a NaN-propagating max,
-``(z - m) * log2 e`` and ``ex2``, the sum, the mixture's FMA and a select for the region
-mask (about 10 instructions, times BLOCK_C / C for the class padding: 1.6 at C = 10), plus
-per row the routing softmax over K, two ``div`` / ``lg2`` per expert, the stores of
-``P``, ``log P``, energies, weights and statistics (about 6 per logit at K x C = 30).
-The backward adds the upstream gradient's load, ``G / P`` per class, two multiplies and
-an FMA per logit, and the store of ``dZ`` with its own address. Rows too large for the
-multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the one-row kernels;
-a split over C for small B is not built. Table and analysis:
+path without the underflow fallback; 52-56 counting the fallback's branch too, which the
+model cannot rule out) and 45-56 backward (95-102 with the fallback). What remains, from
+the SASS: per logit a load and its 64-bit address (the strides are runtime values), a
+NaN-propagating max, ``(z - m) * log2 e`` and ``ex2``, the sum, the mixture's FMA and a
+select for the region mask (about 10 instructions, times BLOCK_C / C for the class
+padding: 1.6 at C = 10), plus per row the routing softmax over K, two ``div`` / ``lg2``
+per expert, the stores of ``P``, ``log P``, energies, weights and statistics (about 6 per
+logit at K x C = 30). The backward adds the upstream gradient's load, ``G / P`` per
+class, two multiplies and an FMA per logit, and the store of ``dZ`` with its own address.
+Rows too large for the multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the
+one-row kernels; a split over C for small B is not built. Table and analysis:
 ``benchmarks/results/kernel_cost.md``.
 
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``
