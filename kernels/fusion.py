@@ -735,8 +735,9 @@ _ROWS_BWD_DNS = _ROWS_FWD_DNS + ["stride_gpc", "stride_glc", "stride_gek", "stri
 
 # Compiled for a GPU, the multi-row kernels use ``ex2.approx.ftz`` (one MUFU instruction;
 # Triton's ``tl.exp`` adds a range fix-up around it, three more instructions per logit)
-# and ``div.full`` (approximate division). Under the interpreter: ``tl.exp`` and ``/``.
-_FAST_MATH = tl.constexpr(not _is_interpreted_early())
+# and ``div.full`` (approximate division). Under the interpreter, and on ROCm (the inline
+# assembly is PTX): ``tl.exp``, ``tl.log`` and ``/``.
+_FAST_MATH = tl.constexpr(not _is_interpreted_early() and torch.version.hip is None)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
