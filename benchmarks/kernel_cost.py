@@ -145,11 +145,12 @@ def _bwd_case(B: int, K: int, C: int, dtype):
     return kf._fusion_bwd_kernel, args, flags
 
 
-def _kept_configs(direction: str, K: int, C: int) -> list:
-    _, _, kf, *_ = _triton()
+def _kept_configs(direction: str, K: int, C: int, dtype) -> list:
+    torch, _, kf, *_ = _triton()
     max_tile = kf._MAX_TILE_FWD if direction == "fwd" else kf._MAX_TILE_BWD
     prune = kf._make_pruner(max_tile)
-    return prune(kf._configs(), {"BLOCK_K": kf._block_k(K), "n_classes": C})
+    z = torch.empty(0, dtype=dtype, device="meta")
+    return prune(kf._configs(), {"BLOCK_K": kf._block_k(K), "n_classes": C, "z_ptr": z})
 
 
 def _cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -279,7 +280,7 @@ def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
                 fraction_of_bandwidth=round(min(1.0, memory_us / hot_us), 3)))
         return costs
     fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
-    for config in _kept_configs(direction, K, C):
+    for config in _kept_configs(direction, K, C, dtype):
         block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
         single = C <= block_c
         n_tiles = 1 if single else math.ceil(C / block_c)

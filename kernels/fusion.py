@@ -62,22 +62,22 @@ Cost (read offline, without a GPU)
 (``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 64))``), reads registers,
 spills and the SASS with the ``cuobjdump`` shipped in Triton, and compares an issue-bound
 time (SASS instructions x threads / (SMs x 4 schedulers x clock)) with the memory-bound
-time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel stays
-memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus the
-output traffic. The one-row design was issue-bound at every shape that matters (431 / 120
-/ 63 instructions per logit, fp32 forward, at (65536,3,10) / (8192,3,100) /
+time of the bytes the op must move. On an H200 (132 SMs, 1.98 GHz, 4.8 TB/s) a kernel
+stays memory-bound below about 28 (fp32) / 14 (bf16) SASS instructions per logit, plus
+the output traffic. The one-row design was issue-bound at every shape that matters (431 /
+120 / 63 instructions per logit, fp32 forward, at (65536,3,10) / (8192,3,100) /
 (4096,8,1000)). The multi-row kernels run about 28-31 per logit there (fp32 forward, the
-path without the underflow fallback; 52-56 counting the fallback's branch too, which
-the model cannot rule out) and 55-57 backward. What remains, from the SASS: per logit
-a load and its 64-bit address (the strides are runtime values), a NaN-propagating max,
-``(z - m) * log2 e`` and ``ex2``, the sum, the mixture's FMA and a select for the region
-mask (about 10 instructions, times BLOCK_C / C for the class padding: 1.6 at C = 10), plus
-per row the routing softmax over K, two ``div`` / ``lg2`` per expert, the stores of
-``P``, ``log P``, energies, weights and statistics (about 6 per logit at K x C = 30).
-The backward adds the upstream gradient's load, ``G / P`` per class, two multiplies and
-an FMA per logit, and the store of ``dZ`` with its own address. Rows too large for the
-multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the one-row kernels;
-a split over C for small B is not built. Table and analysis:
+path without the underflow fallback; 52-56 counting the fallback's branch too, which the
+model cannot rule out) and 45-56 backward (95-102 with the fallback). What remains, from
+the SASS: per logit a load and its 64-bit address (the strides are runtime values), a
+NaN-propagating max, ``(z - m) * log2 e`` and ``ex2``, the sum, the mixture's FMA and a
+select for the region mask (about 10 instructions, times BLOCK_C / C for the class
+padding: 1.6 at C = 10), plus per row the routing softmax over K, two ``div`` / ``lg2``
+per expert, the stores of ``P``, ``log P``, energies, weights and statistics (about 6 per
+logit at K x C = 30). The backward adds the upstream gradient's load, ``G / P`` per
+class, two multiplies and an FMA per logit, and the store of ``dZ`` with its own address.
+Rows too large for the multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the
+one-row kernels; a split over C for small B is not built. Table and analysis:
 ``benchmarks/results/kernel_cost.md``.
 
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``
@@ -735,8 +735,9 @@ _ROWS_BWD_DNS = _ROWS_FWD_DNS + ["stride_gpc", "stride_glc", "stride_gek", "stri
 
 # Compiled for a GPU, the multi-row kernels use ``ex2.approx.ftz`` (one MUFU instruction;
 # Triton's ``tl.exp`` adds a range fix-up around it, three more instructions per logit)
-# and ``div.full`` (approximate division). Under the interpreter: ``tl.exp`` and ``/``.
-_FAST_MATH = tl.constexpr(not _is_interpreted_early())
+# and ``div.full`` (approximate division). Under the interpreter, and on ROCm (the inline
+# assembly is PTX): ``tl.exp``, ``tl.log`` and ``/``.
+_FAST_MATH = tl.constexpr(not _is_interpreted_early() and torch.version.hip is None)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -1298,16 +1299,19 @@ def _make_pruner(max_tile: int):
     """Keep the three largest ``BLOCK_C`` that fit a row (or the register budget).
 
     For each, keep ``num_warps`` giving 4 to 32 elements per thread, so about ten configs
-    are timed per key instead of the full grid. (Compiled for sm_90 offline, blocks of up
-    to 32 elements per thread do not spill for K <= 8; with K = 16 the per-expert vectors
-    that every thread replicates push the tiled backward to 255 registers, hence the
-    smaller blocks in the candidate set.)
+    are timed per key instead of the full grid. Configs that spill are left out: compiled
+    for sm_90 offline (``benchmarks/kernel_cost.py --all-configs``), 16 warps cap a thread
+    at 128 registers and spill at K = 16, and 32 elements per thread spill with 8 warps
+    (K = 16 forward) or in the backward of 16-bit logits (K = 4), so none is kept.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         block_k = args["BLOCK_K"]
         n_classes = args["n_classes"]
+        backward = max_tile <= _MAX_TILE_BWD
+        z = args.get("z_ptr")
+        fp32 = z is None or z.dtype == torch.float32
         top = min(max(16, triton.next_power_of_2(n_classes)), max(16, max_tile // block_k))
         wanted = {top, max(16, top // 2), max(16, top // 4)}
         kept = []
@@ -1316,7 +1320,8 @@ def _make_pruner(max_tile: int):
             if block_c not in wanted:
                 continue
             per_thread = block_k * block_c / (32 * config.num_warps)
-            if 4 <= per_thread <= 32:
+            high = 16 if config.num_warps >= 8 or (backward and not fp32) else 32
+            if 4 <= per_thread <= high and config.num_warps <= 8:
                 kept.append(config)
         if not kept:
             kept = [c for c in configs if c.kwargs["BLOCK_C"] == top and c.num_warps == 1]
@@ -1325,11 +1330,16 @@ def _make_pruner(max_tile: int):
     return prune
 
 
+def _config_grid() -> list[triton.Config]:
+    """Every config of the one-row kernels, before pruning."""
+    return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
+            for block_c in _BLOCK_C_CHOICES for warps in _WARP_CHOICES]
+
+
 def _configs() -> list[triton.Config]:
     if _INTERPRETED:
         return [triton.Config({"BLOCK_C": _INTERPRETER_BLOCK_C}, num_warps=1)]
-    return [triton.Config({"BLOCK_C": block_c}, num_warps=warps)
-            for block_c in _BLOCK_C_CHOICES for warps in _WARP_CHOICES]
+    return _config_grid()
 
 
 def _single_tile(args: dict) -> bool:
@@ -1376,11 +1386,16 @@ _INTERPRETER_BLOCK_B = 2
 _BLOCK_B_OVERRIDE: int | None = None
 
 
+def _rows_config_grid() -> list[triton.Config]:
+    """Every config of the multi-row kernels, before pruning."""
+    return [triton.Config({"BLOCK_B": block_b}, num_warps=warps)
+            for block_b in _BLOCK_B_CHOICES for warps in _ROWS_WARP_CHOICES]
+
+
 def _rows_configs() -> list[triton.Config]:
     if _INTERPRETED:
         return [triton.Config({"BLOCK_B": _INTERPRETER_BLOCK_B}, num_warps=1)]
-    return [triton.Config({"BLOCK_B": block_b}, num_warps=warps)
-            for block_b in _BLOCK_B_CHOICES for warps in _ROWS_WARP_CHOICES]
+    return _rows_config_grid()
 
 
 def _make_rows_pruner(per_thread: tuple[int, int]):

@@ -61,6 +61,32 @@ def test_refuses_huge_default_tensors():
         bench_fusion.main(["--sizes", "65536x8x8192", "--no-compile"])
 
 
+def test_pruners_keep_only_configs_within_the_register_budget():
+    """The configs the autotuners may time: no 16 warps (128 registers a thread), at most
+    32 logits a thread (16 with 8 warps or a 16-bit backward); the multi-row pruner keeps
+    BLOCK_B x K x BLOCK_C within its per-thread bounds."""
+    kf = pytest.importorskip("ltroute.kernels.fusion")
+    for max_tile, dtype in ((kf._MAX_TILE_FWD, torch.float32), (kf._MAX_TILE_BWD, torch.float32),
+                            (kf._MAX_TILE_BWD, torch.bfloat16)):
+        for block_k, n_classes in ((4, 32000), (16, 1000), (2, 100)):
+            kept = kf._make_pruner(max_tile)(
+                kf._config_grid(), {"BLOCK_K": block_k, "n_classes": n_classes,
+                                "z_ptr": torch.empty(0, dtype=dtype)})
+            assert kept
+            for config in kept:
+                per_thread = block_k * config.kwargs["BLOCK_C"] / (32 * config.num_warps)
+                assert config.num_warps <= 8 and per_thread <= 32
+                if config.num_warps == 8 or (max_tile == kf._MAX_TILE_BWD
+                                             and dtype != torch.float32):
+                    assert per_thread <= 16
+    low, high = kf._ROWS_PER_THREAD_FWD
+    kept = kf._make_rows_pruner((low, high))(kf._rows_config_grid(),
+                                             {"N_EXPERTS": 3, "BLOCK_C": 16})
+    assert kept
+    for config in kept:
+        assert low <= config.kwargs["BLOCK_B"] * 48 / (32 * config.num_warps) <= high
+
+
 def test_kernel_cost_json_on_one_small_shape():
     """kernel_cost.py in a fresh process (no TRITON_INTERPRET): one JSON line per case."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
