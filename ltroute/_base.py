@@ -353,7 +353,7 @@ class LongTailNet(NeuralNetClassifier):
         n_channels = self.input_shape_[0]
         if self.normalize == "auto":
             if is_dataset_input(X):
-                # One pass through the validation loader (its workers), RNG untouched.
+                # One pass over the training fold (loaded like training), RNG untouched.
                 loader = self._training_fold_iterator(
                     TrainingDataset(X, y_encoded, self.input_shape_))
                 with torch.random.fork_rng(devices=[]):
