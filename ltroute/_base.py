@@ -104,9 +104,11 @@ _LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
 _MIN_BATCHES_PER_WORKER = 4
 
 #: Float32 input per batch of an inference-only pass over the training fold inside
-#: ``fit`` (at least ``batch_size`` rows): 8 MiB is ~680 CIFAR images, a whole tabular
-#: training set of a few thousand rows, and ``batch_size`` rows of ImageNet-size images.
-_INFERENCE_BATCH_BYTES = 8 * 2**20
+#: ``fit`` (at least ``batch_size`` rows): 256 KiB is a tabular training set of a few
+#: thousand rows at once, and ``batch_size`` rows of images (on the 2-core CPU, 682
+#: CIFAR images per batch made the ConvNet's pass 1.9x slower than 128: activations
+#: outgrow the cache; 2935 letter-LT rows at once made the MLP's pass faster).
+_INFERENCE_BATCH_BYTES = 256 * 2**10
 
 
 def _never(_estimator: Any) -> bool:
@@ -356,7 +358,7 @@ class LongTailNet(NeuralNetClassifier):
         n_channels = self.input_shape_[0]
         if self.normalize == "auto":
             if is_dataset_input(X):
-                # One pass through the validation loader (its workers), RNG untouched.
+                # One pass over the training fold (loaded like training), RNG untouched.
                 loader = self._training_fold_iterator(
                     TrainingDataset(X, y_encoded, self.input_shape_))
                 with torch.random.fork_rng(devices=[]):

@@ -377,8 +377,8 @@ class ConvergenceCheck(Callback):
       Train longer (``max_epochs``), with a larger ``lr``, or check the data.
 
     Costs one inference pass over the training fold at the end of ``fit`` (loaded like
-    the training batches, in batches of up to 8 MiB of input: at least ``batch_size``
-    rows, a few thousand tabular rows at once). Part of every
+    the training batches, in batches of up to 256 KiB of input: ``batch_size`` rows of
+    images, a few thousand tabular rows at once). Part of every
     ltroute estimator's default callbacks (named ``"convergence_check"``; switch it off
     with ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
     """

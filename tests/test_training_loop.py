@@ -156,16 +156,17 @@ def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter
     clf = fitted(RIDEClassifier, small_letter, router=False, max_epochs=1)
     dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
     batches = list(clf._training_fold_iterator(dataset, inference_only=True))
-    assert len(batches) == 1  # 8 MiB of 16 features: the whole training fold
+    assert len(batches) == 1  # 256 KiB of 16 features: the whole training fold
     assert_close(clf.evaluation_step(batches[0])[0],  # outputs independent of the batch
                  torch.cat([clf.evaluation_step(b)[0]
                             for b in clf.get_iterator(dataset, training=False)]))
     # BatchNorm recalibration keeps batch_size rows (batch statistics depend on them)
     assert len(next(iter(clf._training_fold_iterator(dataset)))[0]) == clf.batch_size
-    images = LongTailClassifier(batch_size=16)
-    images.input_shape_ = (3, 224, 224)  # 8 MiB is 13 such images: batch_size rows
-    loader = images._training_fold_iterator(dataset, inference_only=True)
-    assert loader.sampler.batch_size == 16
+    images = LongTailClassifier(batch_size=32)
+    for shape in [(3, 32, 32), (3, 224, 224)]:  # 256 KiB: 21 CIFAR images, batch_size
+        images.input_shape_ = shape
+        loader = images._training_fold_iterator(dataset, inference_only=True)
+        assert loader.sampler.batch_size == 32
     # with workers, batch_size rows: each worker loads its own batches
     workers = RIDEClassifier(iterator_train__num_workers=2)
     workers.input_shape_ = clf.input_shape_
