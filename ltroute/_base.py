@@ -272,8 +272,7 @@ class LongTailNet(NeuralNetClassifier):
             X = self._normalized_array(X)
             train_X = with_sample_weight(X, sample_weight)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        for name in ("calibration_temperature_", "calibration_biases_"):  # of the old network
-            self.__dict__.pop(name, None)
+        self._discard_calibration()  # of the old network, also when warm-starting
         with self._runtime(seed=seed):
             if not continuing:
                 self.initialize()
@@ -506,7 +505,13 @@ class LongTailNet(NeuralNetClassifier):
             type(self).__name__)
         if self.channels_last and len(self.input_shape_) == 3:
             self.module_ = self.module_.to(memory_format=torch.channels_last)
+        self._discard_calibration()  # it belonged to the previous network
         return self
+
+    def _discard_calibration(self) -> None:
+        """Forget a :meth:`calibrate` result (the network it was fitted on is gone)."""
+        for name in ("calibration_temperature_", "calibration_biases_"):
+            self.__dict__.pop(name, None)
 
     def get_iterator(self, dataset, training=False):
         """Training batches are shuffled by default; a last batch of one sample is dropped.
@@ -761,6 +766,14 @@ class LongTailNet(NeuralNetClassifier):
         """skorch's batched inference, with ``device="auto"`` resolved while it runs."""
         with self._runtime():
             yield from super().forward_iter(X, training=training, device=device)
+
+    def initialize(self):
+        """skorch's ``initialize``; called directly (e.g. before ``load_params``) it
+        resolves ``device="auto"`` first, as ``fit`` does."""
+        if self.device != "auto":  # inside fit, or an explicit device
+            return super().initialize()
+        with self._runtime():
+            return super().initialize()
 
     def load_params(self, *args, **kwargs):
         """skorch's ``load_params``, with ``device="auto"`` resolved for the map location."""

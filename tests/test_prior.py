@@ -553,6 +553,18 @@ def test_calibration_follows_pickle_not_clone_nor_fit(split_net, digits):
     assert not hasattr(clf, "calibration_biases_")
 
 
+def test_a_reinitialised_network_drops_the_calibration(split_net, digits):
+    """initialize() (which skorch's set_params(module__...) also calls) builds a new,
+    untrained network: the old calibration must not apply to it."""
+    net, X_held, y_held = split_net
+    clf = pickle.loads(pickle.dumps(net)).calibrate(X_held, y_held)
+    uncalibrated = pickle.loads(pickle.dumps(net)).predict_proba(digits.X_test)
+    clf.initialize()
+    assert not hasattr(clf, "calibration_temperature_")
+    assert not hasattr(clf, "calibration_biases_")
+    assert clf.predict_proba(digits.X_test).shape == uncalibrated.shape
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
