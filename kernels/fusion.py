@@ -1590,11 +1590,14 @@ def _launch_rows(kernel, n_samples: int, args: tuple, flags: dict) -> None:
 
 
 # Split-C forward (combine="prob", rows too large for the multi-row kernels, few rows): a
-# tile of this many (BLOCK_K x BLOCK_C) logits, 16 per thread, and enough chunks per row
-# that B x chunks reaches about 132 SMs x 8 resident programs (of 8 warps) on an H100/H200.
+# tile of this many (BLOCK_K x BLOCK_C) logits, 64 per thread (2 warps: the reductions over
+# C stay mostly in a thread's registers), and enough chunks per row that B x chunks reaches
+# about 132 SMs x 16 programs on an H100/H200. Chosen offline (benchmarks/kernel_cost.py,
+# sm_90, fp32 forward at 256x4x32000): 16 logits per thread with 8 warps cost 95 SASS per
+# logit, 32 with 4 warps 63, 64 with 2 warps 47 (44 with 8 chunks instead of 5), no spills.
 _SPLIT_TILE = 4096
-_SPLIT_PER_THREAD = 16
-_SPLIT_TARGET_PROGRAMS = 132 * 8
+_SPLIT_PER_THREAD = 64
+_SPLIT_TARGET_PROGRAMS = 132 * 16
 # Tests set this to (BLOCK_C, TILES per chunk) to force the split path at any shape.
 _SPLIT_OVERRIDE: tuple[int, int] | None = None
 
