@@ -41,6 +41,19 @@ and per-class reductions (the mixture over experts) along axis 0.
   logits in the output buffer during that sweep and normalises them in a third sweep over
   ``B x C`` values (far fewer than the ``B x K x C`` logits).
 
+**Split-C forward** (``_fusion_fwd_split_stats_kernel`` / ``_fusion_fwd_split_mix_kernel``,
+``combine="prob"`` only): a row too large for the multi-row kernels and too few rows to
+fill the GPU (256 x 4 x 32000: 256 one-row programs; 8 rows: 8 programs) are split into
+chunks of ``TILES x BLOCK_C`` classes, one program per (row, chunk). The first kernel
+stores each chunk's partial log-sum-exp statistics per expert (raw max, sum of
+``exp(x - max)``, at T and at 1); the second merges a row's chunks in every program of
+the row (a few numbers per chunk, NaN-propagating max as above), derives energies and
+weights with the one-row kernel's code, writes ``P`` / ``log P`` over its own chunk as the
+one-row kernel's second sweep does, and its chunk-0 program stores energies, weights and
+the statistics in the one-row kernel's layout, so the backward is the one-row kernel's,
+unchanged. ``_split_plan`` picks it by shape; ``combine="logit"`` (which needs the global
+max and sum of the combined logits too) keeps the one-row kernel.
+
 Feature switches (region mask, sample mask, weighting, combine, ``T != 1``, optional
 outputs, which upstream gradients exist) are ``tl.constexpr`` flags, so every variant
 compiles to its own branch-free kernel. In the one-row kernels row offsets are int64 and
@@ -77,7 +90,10 @@ per expert, the stores of ``P``, ``log P``, energies, weights and statistics (ab
 logit at K x C = 30). The backward adds the upstream gradient's load, ``G / P`` per
 class, two multiplies and an FMA per logit, and the store of ``dZ`` with its own address.
 Rows too large for the multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the
-one-row kernels; a split over C for small B is not built. Table and analysis:
+one-row kernels, except the forward of ``combine="prob"`` with few rows, which the split-C
+kernels take: 44 instructions per logit at (256, 4, 32000) (one-row kernel: 56) over
+2048 programs instead of 256, and at (8, 4, 32000) 51 over 256 programs instead of 83
+over 8 (offline, fp32). Table and analysis:
 ``benchmarks/results/kernel_cost.md``.
 
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``

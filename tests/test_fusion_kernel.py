@@ -546,6 +546,15 @@ def test_split_matches_reference(tiles, weighting, variant, split):
 
 
 @interpreter_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_low_precision_strided_input(dtype, split):
+    """16-bit logits read through non-unit strides by both split kernels."""
+    split(8, 2)
+    Z, region, sample = make_case(2, 4, 41, dtype=dtype, strided=True, seed=5)
+    compare(Z, region, sample, combine="prob", energy_temperature=1.5)
+
+
+@interpreter_test
 @pytest.mark.parametrize("weighting", ["energy", "uniform"])
 @pytest.mark.parametrize("T", [1.0, 1.5])
 def test_split_nan_and_inf_logits(weighting, T, split):
