@@ -205,6 +205,29 @@ def _rows_case(direction: str, B: int, K: int, C: int, dtype):
     return rows_fn, args, flags
 
 
+def _split_case(B: int, K: int, C: int, dtype, plan: tuple):
+    """Arguments of the two split-C forward launches (statistics, then mixture)."""
+    torch, _, kf, *_ = _triton()
+    block_c, tiles, n_chunks, _ = plan
+    block_k = kf._block_k(K)
+    Z = torch.empty_strided((B, K, C), (K * C, C, 1), dtype=dtype, device="meta")
+    partial = torch.empty(1, n_chunks, 4, block_k)
+    probs = torch.empty(1, C)
+    energy = torch.empty(1, K)
+    stats = torch.empty(1, 2, K)
+    region = torch.ones(K, C, dtype=torch.uint8)
+    blocks = dict(BLOCK_K=block_k, BLOCK_C=block_c, TILES=tiles)
+    stats_args = (Z, *Z.stride(), region, *region.stride(), partial, K, C, n_chunks, 1.0)
+    stats_flags = dict(HAS_REGION=True, HAS_T=False, **blocks)
+    mix_args = (Z, *Z.stride(), region, *region.stride(), probs, 0, 0, partial, probs, probs,
+                energy, energy, stats, stats.stride(0), K, C, n_chunks, 1.0, 1.0)
+    mix_flags = dict(HAS_REGION=True, HAS_SAMPLE=False, ENERGY_WEIGHTS=True, HAS_T=False,
+                     STORE_LOG_PROBS=True, SAVE_STATS=True,
+                     BLOCK_N=max(2, 1 << (n_chunks - 1).bit_length()), **blocks)
+    return (kf._fusion_fwd_split_stats_kernel, stats_args, stats_flags,
+            kf._fusion_fwd_split_mix_kernel, mix_args, mix_flags)
+
+
 def _uses_rows(direction: str, K: int, C: int) -> bool:
     _, _, kf, *_ = _triton()
     return kf._use_rows(K, C, kf._MAX_ROW_FWD if direction == "fwd" else kf._MAX_ROW_BWD)
@@ -280,6 +303,30 @@ def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
                 fraction_of_bandwidth=round(min(1.0, memory_us / hot_us), 3)))
         return costs
     fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
+    plan = kf._split_plan(B, K, C) if direction == "fwd" else None
+    if plan is not None:
+        block_c, tiles, n_chunks, warps = plan
+        stats_fn, stats_args, stats_flags, mix_fn, mix_args, mix_flags = _split_case(
+            B, K, C, dtype, plan)
+        registers, spill, static, dynamic = _compile(stats_fn, stats_args, stats_flags, warps,
+                                                     tiles)
+        mix = _compile(mix_fn, mix_args, mix_flags, warps, tiles)
+        registers, spill = max(registers, mix[0]), max(spill, mix[1])
+        static, dynamic = static + mix[2], dynamic + mix[3]
+        per_element = dynamic * 32 * warps * n_chunks / (K * C)
+        issue_us = issue_time(B * n_chunks, warps, dynamic)
+        costs.append(Cost(
+            shape=[B, K, C], dtype=dtype_name, direction=direction,
+            config={"kernel": "split", "BLOCK_C": block_c, "TILES": tiles,
+                    "chunks": n_chunks, "num_warps": warps, "single_tile": False},
+            registers=registers, spill_bytes=spill, sass_static=static,
+            sass_per_thread=dynamic, sass_instructions_per_element=round(per_element, 2),
+            sass_hot_path_per_element=round(per_element, 2),
+            issue_us=round(issue_us, 2), issue_hot_us=round(issue_us, 2),
+            memory_us=round(memory_us, 2),
+            bound="issue" if issue_us > memory_us else "memory",
+            fraction_of_bandwidth=round(min(1.0, memory_us / issue_us), 3)))
+        return costs
     for config in _kept_configs(direction, K, C, dtype):
         block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
         single = C <= block_c
@@ -317,6 +364,9 @@ def markdown_table(rows: list[Cost]) -> str:
         cfg = r.config
         if cfg["kernel"] == "rows":
             label = f"rows {cfg['BLOCK_B']} x {cfg['BLOCK_C']}, {cfg['num_warps']} w"
+        elif cfg["kernel"] == "split":
+            label = (f"split {cfg['chunks']} x {cfg['TILES']} x {cfg['BLOCK_C']}, "
+                     f"{cfg['num_warps']} w")
         else:
             label = f"row {cfg['BLOCK_C']}, {cfg['num_warps']} w"
         lines.append(

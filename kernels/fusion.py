@@ -41,6 +41,19 @@ and per-class reductions (the mixture over experts) along axis 0.
   logits in the output buffer during that sweep and normalises them in a third sweep over
   ``B x C`` values (far fewer than the ``B x K x C`` logits).
 
+**Split-C forward** (``_fusion_fwd_split_stats_kernel`` / ``_fusion_fwd_split_mix_kernel``,
+``combine="prob"`` only): a row too large for the multi-row kernels and too few rows to
+fill the GPU (256 x 4 x 32000: 256 one-row programs; 8 rows: 8 programs) are split into
+chunks of ``TILES x BLOCK_C`` classes, one program per (row, chunk). The first kernel
+stores each chunk's partial log-sum-exp statistics per expert (raw max, sum of
+``exp(x - max)``, at T and at 1); the second merges a row's chunks in every program of
+the row (a few numbers per chunk, NaN-propagating max as above), derives energies and
+weights with the one-row kernel's code, writes ``P`` / ``log P`` over its own chunk as the
+one-row kernel's second sweep does, and its chunk-0 program stores energies, weights and
+the statistics in the one-row kernel's layout, so the backward is the one-row kernel's,
+unchanged. ``_split_plan`` picks it by shape; ``combine="logit"`` (which needs the global
+max and sum of the combined logits too) keeps the one-row kernel.
+
 Feature switches (region mask, sample mask, weighting, combine, ``T != 1``, optional
 outputs, which upstream gradients exist) are ``tl.constexpr`` flags, so every variant
 compiles to its own branch-free kernel. In the one-row kernels row offsets are int64 and
@@ -77,7 +90,10 @@ per expert, the stores of ``P``, ``log P``, energies, weights and statistics (ab
 logit at K x C = 30). The backward adds the upstream gradient's load, ``G / P`` per
 class, two multiplies and an FMA per logit, and the store of ``dZ`` with its own address.
 Rows too large for the multi-row kernels (K = 16 with C = 1000; C = 32000) stay on the
-one-row kernels; a split over C for small B is not built. Table and analysis:
+one-row kernels, except the forward of ``combine="prob"`` with few rows, which the split-C
+kernels take: 44 instructions per logit at (256, 4, 32000) (one-row kernel: 56) over
+2048 programs instead of 256, and at (8, 4, 32000) 51 over 256 programs instead of 83
+over 8 (offline, fp32). Table and analysis:
 ``benchmarks/results/kernel_cost.md``.
 
 Saved for backward (float32, a few numbers per row): for every expert the shift ``m``
@@ -1270,6 +1286,150 @@ def _fusion_bwd_rows_kernel(
 
 
 # ---------------------------------------------------------------------------------------
+# Split-C forward (small B, large C, combine="prob"): partial statistics, then the mixture
+# ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fusion_fwd_split_stats_kernel(
+    z_ptr, stride_zb, stride_zk, stride_zc,
+    region_ptr, stride_rk, stride_rc,
+    partial_ptr,
+    n_experts, n_classes, n_chunks,
+    energy_temperature,
+    HAS_REGION: tl.constexpr,
+    HAS_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TILES: tl.constexpr,
+):
+    """Partial log-sum-exp statistics of one (row, chunk of ``TILES x BLOCK_C`` classes).
+
+    Program ``(row, chunk)`` stores, for every expert, the raw running max ``m`` (``-inf``
+    when its region holds nothing in the chunk, ``NaN``/``+inf`` as :func:`_max_nan`) and
+    the sum ``d = sum exp(x - safe(m))``, at temperature T and (``HAS_T``) at temperature 1,
+    into ``partial`` (B, n_chunks, 4, BLOCK_K) float32, contiguous.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    z_row = z_ptr + row * stride_zb
+    offs_k = tl.arange(0, BLOCK_K)
+    k_in = offs_k < n_experts
+    m_t = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    d_t = tl.zeros([BLOCK_K], tl.float32)
+    m_1 = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    d_1 = tl.zeros([BLOCK_K], tl.float32)
+    c_start = chunk * (TILES * BLOCK_C)
+    for t in range(TILES):
+        offs_c = c_start + t * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, k_in, offs_c,
+                             n_classes, HAS_REGION)
+        z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, valid)
+        if HAS_T:
+            m_t, d_t = _online_max_sum(m_t, d_t, z / energy_temperature)
+            m_1, d_1 = _online_max_sum(m_1, d_1, z)
+        else:
+            m_t, d_t = _online_max_sum(m_t, d_t, z)
+    out = partial_ptr + (row * n_chunks + chunk) * (4 * BLOCK_K) + offs_k
+    tl.store(out, m_t)
+    tl.store(out + BLOCK_K, d_t)
+    if HAS_T:
+        tl.store(out + 2 * BLOCK_K, m_1)
+        tl.store(out + 3 * BLOCK_K, d_1)
+
+
+@triton.jit
+def _merge_max_sum(partial_row, slot: tl.constexpr, offs_n, n_chunks,
+                   BLOCK_K: tl.constexpr):
+    """Merge the chunks' ``(m, d)`` of one row into the shift and sum of the whole row.
+
+    Returns ``(safe(M), D)`` with ``M`` the NaN-propagating max over chunks and
+    ``D = sum_j d_j exp(m_j - safe(M))`` (an empty chunk, ``m_j = -inf``, adds 0), as the
+    one-row kernel's online log-sum-exp leaves them after its last tile.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    ptrs = partial_row + offs_n[:, None] * (4 * BLOCK_K) + slot * BLOCK_K + offs_k[None, :]
+    n_in = (offs_n < n_chunks)[:, None]
+    m = tl.load(ptrs, mask=n_in, other=float("-inf"))
+    d = tl.load(ptrs + BLOCK_K, mask=n_in, other=0.0)
+    shift = _safe_max(_max_nan(m, 0))
+    d = tl.sum(tl.where(m == float("-inf"), 0.0, d * tl.exp(m - shift[None, :])), axis=0)
+    return shift, d
+
+
+@triton.jit
+def _fusion_fwd_split_mix_kernel(
+    z_ptr, stride_zb, stride_zk, stride_zc,
+    region_ptr, stride_rk, stride_rc,
+    sample_ptr, stride_sb, stride_sk,
+    partial_ptr,
+    probs_ptr, log_probs_ptr, energy_ptr, weights_ptr,
+    row_stats_ptr, stride_stats,
+    n_experts, n_classes, n_chunks,
+    energy_temperature, routing_temperature,
+    HAS_REGION: tl.constexpr,
+    HAS_SAMPLE: tl.constexpr,
+    ENERGY_WEIGHTS: tl.constexpr,
+    HAS_T: tl.constexpr,
+    STORE_LOG_PROBS: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``P`` (``combine="prob"``) of one (row, chunk), from the merged statistics.
+
+    Every program of a row merges the row's ``n_chunks`` partial statistics (a few numbers
+    each, ``BLOCK_N >= n_chunks``), derives the energies and routing weights with the same
+    code as :func:`_fusion_fwd_kernel` (so the backward recomputes them bit-identically),
+    and writes ``P`` / ``log P`` over its chunk; the chunk-0 program also stores energies,
+    weights and the statistics for the backward pass, in the one-row kernel's layout.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    z_row = z_ptr + row * stride_zb
+    offs_k = tl.arange(0, BLOCK_K)
+    k_in = offs_k < n_experts
+    active = _active_experts(sample_ptr, row, stride_sb, stride_sk, offs_k, k_in, HAS_SAMPLE)
+    partial_row = partial_ptr + row * n_chunks * (4 * BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_t, d_t = _merge_max_sum(partial_row, 0, offs_n, n_chunks, BLOCK_K)
+    if HAS_T:
+        m_1, d_1 = _merge_max_sum(partial_row, 2, offs_n, n_chunks, BLOCK_K)
+    else:
+        m_1, d_1 = m_t, d_t
+    lse_t = _lse(m_t, d_t)
+    lse_1 = _lse(m_1, d_1)
+    poisoned = _poisoned(lse_1, active)
+    energy = -energy_temperature * lse_t
+    w, log_w = _routing_weights(energy, active, routing_temperature, ENERGY_WEIGHTS)
+    if chunk == 0:
+        out_k = row * n_experts + offs_k
+        tl.store(energy_ptr + out_k, energy, mask=k_in)
+        tl.store(weights_ptr + out_k, w, mask=k_in)
+        if SAVE_STATS:
+            stats_row = row_stats_ptr + row * stride_stats + offs_k
+            tl.store(stats_row, m_t, mask=k_in)
+            tl.store(stats_row + n_experts, d_t, mask=k_in)
+            if HAS_T:
+                tl.store(stats_row + 2 * n_experts, m_1, mask=k_in)
+                tl.store(stats_row + 3 * n_experts, d_1, mask=k_in)
+    probs_row = probs_ptr + row * n_classes
+    log_probs_row = log_probs_ptr + row * n_classes
+    c_start = chunk * (TILES * BLOCK_C)
+    for t in range(TILES):
+        offs_c = c_start + t * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_in = offs_c < n_classes
+        contrib = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, active, offs_c,
+                               n_classes, HAS_REGION)
+        z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib)
+        log_p, terms = _mixture_log_probs(z, contrib, log_w, lse_1)
+        _store_probs(probs_row + offs_c, log_probs_row + offs_c, log_p, c_in, poisoned,
+                     STORE_LOG_PROBS)
+
+
+# ---------------------------------------------------------------------------------------
 # Block sizes and autotuning
 # ---------------------------------------------------------------------------------------
 
@@ -1445,6 +1605,75 @@ def _launch_rows(kernel, n_samples: int, args: tuple, flags: dict) -> None:
             *args, **flags, BLOCK_B=_BLOCK_B_OVERRIDE, num_warps=1)
 
 
+# Split-C forward (combine="prob", rows too large for the multi-row kernels, few rows): a
+# tile of this many (BLOCK_K x BLOCK_C) logits, 64 per thread (2 warps: the reductions over
+# C stay mostly in a thread's registers), and enough chunks per row that B x chunks reaches
+# about 132 SMs x 16 programs on an H100/H200. Chosen offline (benchmarks/kernel_cost.py,
+# sm_90, fp32 forward at 256x4x32000): 16 logits per thread with 8 warps cost 95 SASS per
+# logit, 32 with 4 warps 63, 64 with 2 warps 47 (44 with 8 chunks instead of 5), no spills.
+_SPLIT_TILE = 4096
+_SPLIT_PER_THREAD = 64
+_SPLIT_TARGET_PROGRAMS = 132 * 16
+# Tests set this to (BLOCK_C, TILES per chunk) to force the split path at any shape.
+_SPLIT_OVERRIDE: tuple[int, int] | None = None
+
+
+def _split_plan(n_samples: int, n_experts: int, n_classes: int) -> tuple | None:
+    """``(BLOCK_C, TILES, n_chunks, num_warps)`` of the split-C forward, or ``None``.
+
+    Taken (``combine="prob"`` only) when a row is too large for the multi-row kernels and
+    ``B`` rows alone would leave SMs idle: the one-row kernel runs one program per row.
+    The interpreter keeps the one-row kernel unless a test forces the split.
+    """
+    block_k = _block_k(n_experts)
+    if _SPLIT_OVERRIDE is not None:
+        block_c, tiles = _SPLIT_OVERRIDE
+    else:
+        if (_INTERPRETED or _BLOCK_C_OVERRIDE is not None
+                or _use_rows(n_experts, n_classes, _MAX_ROW_FWD)):
+            return None
+        block_c = max(16, min(triton.next_power_of_2(n_classes), _SPLIT_TILE // block_k))
+        n_tiles = triton.cdiv(n_classes, block_c)
+        wanted = min(n_tiles, triton.cdiv(_SPLIT_TARGET_PROGRAMS, n_samples))
+        if wanted < 2:
+            return None
+        tiles = triton.cdiv(n_tiles, wanted)
+    n_chunks = triton.cdiv(n_classes, block_c * tiles)
+    warps = max(1, min(8, block_k * block_c // (32 * _SPLIT_PER_THREAD)))
+    if _SPLIT_OVERRIDE is not None:
+        warps = 1
+    return block_c, tiles, n_chunks, warps
+
+
+def _launch_split(plan: tuple, Z, region_args: tuple, sample_args: tuple, outputs: tuple,
+                  row_stats, flags: dict, energy_temperature: float,
+                  routing_temperature: float) -> None:
+    """Launch the two split-C kernels (partial statistics, then merge and mixture)."""
+    block_c, tiles, n_chunks, warps = plan
+    n_samples, n_experts, n_classes = Z.shape
+    block_k = _block_k(n_experts)
+    probs, log_probs, energy, weights = outputs
+    partial = torch.empty(n_samples, n_chunks, 4, block_k, dtype=torch.float32,
+                          device=Z.device)
+    grid = (n_samples, n_chunks)
+    blocks = {"BLOCK_K": block_k, "BLOCK_C": block_c, "TILES": tiles, "num_warps": warps}
+    _fusion_fwd_split_stats_kernel[grid](
+        Z, *Z.stride(), *region_args, partial, n_experts, n_classes, n_chunks,
+        float(energy_temperature),
+        HAS_REGION=flags["HAS_REGION"], HAS_T=flags["HAS_T"], **blocks)
+    _fusion_fwd_split_mix_kernel[grid](
+        Z, *Z.stride(), *region_args, *sample_args, partial,
+        probs, probs if log_probs is None else log_probs, energy, weights,
+        energy if row_stats is None else row_stats,
+        0 if row_stats is None else row_stats.stride(0),
+        n_experts, n_classes, n_chunks,
+        float(energy_temperature), float(routing_temperature),
+        HAS_REGION=flags["HAS_REGION"], HAS_SAMPLE=flags["HAS_SAMPLE"],
+        ENERGY_WEIGHTS=flags["ENERGY_WEIGHTS"], HAS_T=flags["HAS_T"],
+        STORE_LOG_PROBS=flags["STORE_LOG_PROBS"], SAVE_STATS=flags["SAVE_STATS"],
+        BLOCK_N=max(2, triton.next_power_of_2(n_chunks)), **blocks)
+
+
 def _int64_needed(*tensors: torch.Tensor) -> bool:
     """Whether an element offset into one of these tensors can pass ``2**31 - 1``, the
     rows of a last, partial block included (masked lanes still compute their offsets)."""
@@ -1533,7 +1762,12 @@ def _fusion_forward(
         "SAVE_STATS": save_stats,
         "BLOCK_K": _block_k(n_experts),
     }
-    if _use_rows(n_experts, n_classes, _MAX_ROW_FWD):
+    split = _split_plan(n_samples, n_experts, n_classes) if prob_combine else None
+    if split is not None:
+        _launch_split(split, Z, (region, stride_rk, stride_rc), (sample, stride_sb, stride_sk),
+                      (probs, log_probs, energy, weights), row_stats, flags,
+                      energy_temperature, routing_temperature)
+    elif _use_rows(n_experts, n_classes, _MAX_ROW_FWD):
         args = (*args[:-4], n_samples, 1, *args[-2:])
         flags["WIDE"] = _int64_needed(
             Z, probs, energy, *(t for t in (row_stats, class_stats) if t is not None))

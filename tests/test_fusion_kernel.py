@@ -498,6 +498,100 @@ def test_multi_row_nan_and_inf_logits(weighting, combine, T, block_b):
 
 
 # ---------------------------------------------------------------------------------------
+# Interpreter: the split-C forward (small B, large C, combine="prob")
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split(monkeypatch):
+    """Force the split-C forward with (BLOCK_C, TILES per chunk)."""
+
+    def force(block, tiles):
+        monkeypatch.setattr(kernels, "_SPLIT_OVERRIDE", (block, tiles))
+
+    return force
+
+
+def test_split_plan_by_shape(monkeypatch):
+    """Few rows of large C are split; many rows, small rows and the interpreter are not."""
+    monkeypatch.setattr(kernels, "_INTERPRETED", False)
+    block_c, tiles, n_chunks, warps = kernels._split_plan(256, 4, 32000)
+    assert n_chunks >= 2 and block_c * tiles * n_chunks >= 32000 > block_c * tiles
+    assert 256 * n_chunks >= kernels._SPLIT_TARGET_PROGRAMS // 2  # tiles rounded up
+    assert 4 * block_c == kernels._SPLIT_TILE
+    assert 32 * warps * kernels._SPLIT_PER_THREAD == kernels._SPLIT_TILE
+    assert kernels._split_plan(8, 4, 32000)[2] >= 16
+    assert kernels._split_plan(8, 16, 1000) is not None
+    assert kernels._split_plan(65536, 4, 32000) is None
+    assert kernels._split_plan(8, 3, 100) is None  # the multi-row kernels take it
+    monkeypatch.setattr(kernels, "_INTERPRETED", True)
+    assert kernels._split_plan(256, 4, 32000) is None
+
+
+@interpreter_test
+@pytest.mark.parametrize("tiles", [1, 3])
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_split_matches_reference(tiles, weighting, variant, split):
+    """C = 37 in chunks of 4 x tiles classes: several chunks per row, a partial last chunk,
+    and (masked) an expert whose region leaves whole chunks empty."""
+    split(4, tiles)
+    options = dict(VARIANTS[variant])
+    masks = options.pop("masks")
+    Z, region, sample = make_case(3, 3, 37, masks=masks, seed=tiles)
+    if region is not None:
+        region[0] = False
+        region[0, 1:4] = True
+    compare(Z, region, sample, weighting=weighting, combine="prob", **options)
+
+
+@interpreter_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_low_precision_strided_input(dtype, split):
+    """16-bit logits read through non-unit strides by both split kernels."""
+    split(8, 2)
+    Z, region, sample = make_case(2, 4, 41, dtype=dtype, strided=True, seed=5)
+    compare(Z, region, sample, combine="prob", energy_temperature=1.5)
+
+
+@interpreter_test
+@pytest.mark.parametrize("weighting", ["energy", "uniform"])
+@pytest.mark.parametrize("T", [1.0, 1.5])
+def test_split_nan_and_inf_logits(weighting, T, split):
+    """NaN / +inf / -inf logits in different chunks of a split row: the poisoned rows are
+    NaN, the others match the reference, gradients included; -inf compared everywhere."""
+    split(2, 1)
+    g = torch.Generator().manual_seed(47)
+    Z = torch.randn(7, 3, 5, generator=g)
+    region = torch.ones(3, 5, dtype=torch.bool)
+    region[0, 4] = False
+    sample = torch.tensor([[True, True, False]] * 7)
+    Z[0, 1, 2] = torch.inf
+    Z[1, 0, 4] = torch.nan  # outside expert 0's region: harmless
+    Z[1, 1, 0] = torch.nan
+    Z[4, 0, 4] = torch.inf  # outside expert 0's region
+    Z[5, 1, 3] = -torch.inf
+    Z[6, 2, 0] = torch.nan  # inactive expert
+    kwargs = dict(region_mask=region, sample_mask=sample, weighting=weighting,
+                  combine="prob", energy_temperature=T, return_log_probs=True)
+    z_ref = Z.clone().requires_grad_()
+    z_tri = Z.clone().requires_grad_()
+    ref = fuse_experts(z_ref, backend="torch", **kwargs)
+    tri = fuse_experts(z_tri, backend="triton", **kwargs)
+    for name in ("probs", "energy", "weights", "log_probs"):
+        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
+        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
+    assert torch.isnan(tri.probs[:2]).all() and torch.isfinite(tri.probs[2:]).all()
+    clean = [2, 3, 4, 5]
+    upstream = torch.randn(7, 5, generator=g)
+    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
+    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
+    ok = torch.isfinite(Z) | (Z == -torch.inf)
+    assert torch.isfinite(grad_tri[clean][ok[clean]]).all()
+    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------
 # Compiled kernels on a GPU (skipped without CUDA)
 # ---------------------------------------------------------------------------------------
 

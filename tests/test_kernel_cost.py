@@ -116,3 +116,58 @@ def test_kernel_cost_json_on_one_small_shape():
         assert row["sass_static"] == row["sass_per_thread"]
         # the path without the underflow fallback is part of the one with it
         assert 0 < row["sass_hot_path_per_element"] < row["sass_instructions_per_element"]
+
+
+_SPLIT_VARIANTS = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import kernel_cost as kc
+import ltroute.kernels.fusion as kf
+from triton.compiler import ASTSource  # noqa: F401
+import triton
+from triton.backends.compiler import GPUTarget
+
+plan = kf._split_plan(8, 4, 3000)
+assert plan is not None and plan[2] == 3, plan
+stats_fn, stats_args, stats_flags, mix_fn, mix_args, mix_flags = kc._split_case(
+    8, 4, 3000, torch.bfloat16, plan)
+variants = [
+    (stats_fn, stats_args, dict(stats_flags, HAS_T=True, HAS_REGION=False)),
+    (mix_fn, mix_args, dict(mix_flags, HAS_T=True, HAS_SAMPLE=True, ENERGY_WEIGHTS=False)),
+    (mix_fn, mix_args, dict(mix_flags, HAS_REGION=False, STORE_LOG_PROBS=False,
+                            SAVE_STATS=False)),
+]
+for fn, args, flags in variants:
+    triton.compile(kc._source(fn, args, flags), target=GPUTarget("cuda", 90, 64),
+                   options={"num_warps": plan[3], "num_stages": 3})
+print("ok")
+"""
+
+
+def test_split_kernels_compile_for_sm90_and_are_modelled():
+    """The split-C forward kernels compile for sm_90 in their other feature variants
+    (the interpreter does not compile), and kernel_cost.py models a split shape."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import triton.backends.nvidia.compiler, triton.compiler"],
+        env=env, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("triton's sm_90 compiler is unavailable")
+    compiled = subprocess.run([sys.executable, "-c", _SPLIT_VARIANTS, str(BENCH)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0 and "ok" in compiled.stdout, compiled.stderr[-2000:]
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "kernel_cost.py"), "--shapes", "8x4x3000", "--dtypes",
+         "fp32", "--directions", "fwd", "--json"], env=env, capture_output=True, text=True,
+        timeout=600)
+    if result.returncode != 0 and "cuobjdump" in result.stderr:
+        pytest.skip("cuobjdump unavailable")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    config = row["config"]
+    assert config["kernel"] == "split" and config["chunks"] == 3 and config["TILES"] == 1
+    assert row["spill_bytes"] == 0 and row["registers"] > 0
+    assert row["sass_instructions_per_element"] == pytest.approx(
+        row["sass_per_thread"] * 32 * config["num_warps"] * config["chunks"] / (4 * 3000),
+        rel=1e-3)
