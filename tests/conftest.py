@@ -44,3 +44,13 @@ def small_letter(letter):
     keep = np.isin(letter.y_train, list("ABCDEFWXYZ"))
     test = np.isin(letter.y_test, list("ABCDEFWXYZ"))
     return letter.X_train[keep], letter.y_train[keep], letter.X_test[test], letter.y_test[test]
+
+
+def process_reports(out: str) -> list[tuple[str, str]]:
+    """``("process i/n", payload)`` for each ``process i/n: payload`` report in ``out``,
+    sorted: two processes printing to one pipe at once can run their lines together
+    (``...201.92process 1/2: ...``), so a report ends at a newline or the next report."""
+    import re
+
+    found = re.findall(r"(process \d+/\d+):(.*?)(?=process \d+/\d+:|\n|$)", out)
+    return sorted((name, payload.strip()) for name, payload in found)

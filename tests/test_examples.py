@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cifar_fixture import write_cifar
+from conftest import process_reports
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -69,10 +70,10 @@ def test_distributed_accelerate_with_two_cpu_processes():
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
                 "--num_processes", "2"]
     out = run_example("distributed_accelerate.py", launcher=launcher)
-    lines = sorted(line for line in out.splitlines() if line.startswith("process "))
-    assert [line.split(":")[0] for line in lines] == ["process 0/2", "process 1/2"]
+    reports = process_reports(out)
+    assert [name for name, _ in reports] == ["process 0/2", "process 1/2"]
     # Same scores, parameters and class weights in both processes.
-    assert len({line.split(":", 1)[1] for line in lines}) == 1
+    assert len({payload for _, payload in reports}) == 1
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import process_reports
 from test_dataset_inputs import write_folder
 from torch.testing import assert_close
 
@@ -147,9 +148,10 @@ def test_accelerate_fit_from_a_dataset_in_two_processes(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("process "))
-    assert [line.split(":")[0] for line in lines] == ["process 0/2", "process 1/2"]
-    assert len({line.split(":", 1)[1] for line in lines}) == 1  # one model in both
-    assert "[12, 6, 4]" in lines[0] and " 22 " in lines[0]
-    predicted = lines[0].split("] [", 1)[1].split("]")[0]
+    reports = process_reports(done.stdout)
+    assert [name for name, _ in reports] == ["process 0/2", "process 1/2"]
+    assert len({payload for _, payload in reports}) == 1  # one model in both
+    payload = reports[0][1]
+    assert "[12, 6, 4]" in payload and " 22 " in payload
+    predicted = payload.split("] [", 1)[1].split("]")[0]
     assert predicted and set(predicted.replace("'", "").split(", ")) <= {"cat", "dog", "emu"}
