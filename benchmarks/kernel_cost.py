@@ -381,8 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help="comma-separated BxKxC (default: %(default)s)")
-    parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--directions", default="fwd,bwd")
+    parser.add_argument("--dtypes", default="fp32,bf16",
+                        help="comma-separated, of fp32, bf16 (default: %(default)s)")
+    parser.add_argument("--directions", default="fwd,bwd",
+                        help="comma-separated, of fwd, bwd (default: %(default)s)")
     parser.add_argument("--sms", type=int, default=132, help="SM count (H200: 132)")
     parser.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock (H200 boost)")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.8, help="HBM TB/s (H200)")
@@ -397,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         if len(shape) != 3 or min(shape) < 1:
             parser.error(f"shape {shape} is not BxKxC with positive sizes")
+    for option, given, known in (("--dtypes", args.dtypes, {"fp32", "bf16"}),
+                                 ("--directions", args.directions, {"fwd", "bwd"})):
+        unknown = sorted(set(given.split(",")) - known)
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose from {sorted(known)}")
     model = dict(sms=args.sms, clock_ghz=args.clock_ghz, bandwidth_tbs=args.bandwidth_tbs)
     chosen = []
     for shape in shapes:

@@ -156,11 +156,17 @@ def _valid_block(region_ptr, stride_rk, stride_rc, offs_k, k_in, offs_c, n_class
 
 
 @triton.jit
-def _load_logits(z_row_ptr, stride_zk, stride_zc, offs_k, offs_c, mask):
-    """Load a (BLOCK_K, BLOCK_C) block of logits as float32; ``-inf`` where masked."""
+def _load_logits(z_row_ptr, stride_zk, stride_zc, offs_k, offs_c, mask,
+                 EVICT: tl.constexpr = ""):
+    """Load a (BLOCK_K, BLOCK_C) block of logits as float32; ``-inf`` where masked.
+
+    ``EVICT`` is the cache hint of the tiled path, which reads a row of Z more than once:
+    ``"evict_last"`` on a pass that is read again (keep the row in L2), ``"evict_first"``
+    on its last pass; ``""`` (the default) where Z is read once."""
     ptrs = (z_row_ptr + offs_k.to(tl.int64)[:, None] * stride_zk
             + offs_c.to(tl.int64)[None, :] * stride_zc)
-    return tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=float("-inf"),
+                   eviction_policy=EVICT).to(tl.float32)
 
 
 @triton.jit
@@ -447,7 +453,8 @@ def _fusion_fwd_kernel(
             offs_c = c0 + tl.arange(0, BLOCK_C)
             valid = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, k_in, offs_c,
                                  n_classes, HAS_REGION)
-            z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, valid)
+            z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, valid,
+                             "evict_last")  # read again by the combination pass
             if HAS_T:
                 m_t, d_t = _online_max_sum(m_t, d_t, z / energy_temperature)
                 if PROB_COMBINE:
@@ -502,7 +509,8 @@ def _fusion_fwd_kernel(
                 c_in = offs_c < n_classes
                 contrib = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, active, offs_c,
                                        n_classes, HAS_REGION)
-                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib)
+                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib,
+                                 "evict_first")  # the last read of this row
                 log_p, terms = _mixture_log_probs(z, contrib, log_w, lse_1)
                 _store_probs(probs_row + offs_c, log_probs_row + offs_c, log_p, c_in,
                              poisoned, STORE_LOG_PROBS)
@@ -515,7 +523,8 @@ def _fusion_fwd_kernel(
                 c_in = offs_c < n_classes
                 contrib = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, active, offs_c,
                                        n_classes, HAS_REGION)
-                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib)
+                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib,
+                                 "evict_first")  # the last read of this row
                 s = _weighted_logits(z, contrib, w)
                 tl.store(probs_row + offs_c, s, mask=c_in)
                 s = tl.where(c_in, s, float("-inf"))
@@ -658,7 +667,8 @@ def _fusion_bwd_kernel(
                 c_in = offs_c < n_classes
                 contrib = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, active, offs_c,
                                        n_classes, HAS_REGION)
-                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib)
+                z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, contrib,
+                                 "evict_last")  # read again by pass B
                 if PROB_COMBINE:
                     log_p, terms = _mixture_log_probs(z, contrib, log_w, lse_1)
                 else:
@@ -709,7 +719,8 @@ def _fusion_bwd_kernel(
             valid = _valid_block(region_ptr, stride_rk, stride_rc, offs_k, k_in, offs_c,
                                  n_classes, HAS_REGION)
             contrib = valid & active[:, None]
-            z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, valid)
+            z = _load_logits(z_row, stride_zk, stride_zc, offs_k, offs_c, valid,
+                             "evict_first")  # the last read of this row
             if NEEDS_G:
                 if PROB_COMBINE:
                     log_p, terms = _mixture_log_probs(z, contrib, log_w, lse_1)

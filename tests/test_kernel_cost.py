@@ -171,3 +171,15 @@ def test_split_kernels_compile_for_sm90_and_are_modelled():
     assert row["sass_instructions_per_element"] == pytest.approx(
         row["sass_per_thread"] * 32 * config["num_warps"] * config["chunks"] / (4 * 3000),
         rel=1e-3)
+
+
+@pytest.mark.parametrize("argv", [["--dtypes", "float32"], ["--directions", "back"],
+                                  ["--shapes", "64x3"]])
+def test_kernel_cost_rejects_unknown_options_by_name(argv, capsys):
+    """Bad options fail before anything compiles, naming the option (or the shape)."""
+    import kernel_cost  # argument parsing needs no compiler
+
+    with pytest.raises(SystemExit):
+        kernel_cost.main(argv)
+    err = capsys.readouterr().err
+    assert argv[0] in err or "is not BxKxC" in err
