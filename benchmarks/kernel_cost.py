@@ -71,6 +71,23 @@ class Cost:
     fraction_of_bandwidth: float
 
 
+def _cost(shape: list[int], dtype_name: str, direction: str, config: dict,
+          compiled: tuple[int, int, int, int], per_element: float, hot_per_element: float,
+          issue_us: float, hot_us: float, memory_us: float) -> Cost:
+    """A :class:`Cost` from one compiled config (``compiled``: registers, spill bytes,
+    static and dynamic SASS counts); the bound is judged on the hot path."""
+    registers, spill, static, dynamic = compiled
+    return Cost(
+        shape=shape, dtype=dtype_name, direction=direction, config=config,
+        registers=registers, spill_bytes=spill, sass_static=static, sass_per_thread=dynamic,
+        sass_instructions_per_element=round(per_element, 2),
+        sass_hot_path_per_element=round(hot_per_element, 2),
+        issue_us=round(issue_us, 2), issue_hot_us=round(hot_us, 2),
+        memory_us=round(memory_us, 2),
+        bound="issue" if hot_us > memory_us else "memory",
+        fraction_of_bandwidth=round(min(1.0, memory_us / hot_us), 3))
+
+
 def _triton():
     if os.environ.get("TRITON_INTERPRET"):
         raise RuntimeError("kernel_cost.py compiles for sm_90: unset TRITON_INTERPRET.")
@@ -290,17 +307,12 @@ def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
             per_row = 32 * warps / (block_b * K * C)
             issue_us = issue_time(programs, warps, dynamic)
             hot_us = issue_time(programs, warps, hot)
-            costs.append(Cost(
-                shape=[B, K, C], dtype=dtype_name, direction=direction,
-                config={"kernel": "rows", "BLOCK_B": block_b, "BLOCK_C": flags["BLOCK_C"],
-                        "num_warps": warps, "single_tile": True},
-                registers=registers, spill_bytes=spill, sass_static=static,
-                sass_per_thread=dynamic, sass_instructions_per_element=round(dynamic * per_row, 2),
-                sass_hot_path_per_element=round(hot * per_row, 2),
-                issue_us=round(issue_us, 2), issue_hot_us=round(hot_us, 2),
-                memory_us=round(memory_us, 2),
-                bound="issue" if hot_us > memory_us else "memory",
-                fraction_of_bandwidth=round(min(1.0, memory_us / hot_us), 3)))
+            costs.append(_cost(
+                [B, K, C], dtype_name, direction,
+                {"kernel": "rows", "BLOCK_B": block_b, "BLOCK_C": flags["BLOCK_C"],
+                 "num_warps": warps, "single_tile": True},
+                (registers, spill, static, dynamic), dynamic * per_row, hot * per_row,
+                issue_us, hot_us, memory_us))
         return costs
     fn, args, flags = (_fwd_case if direction == "fwd" else _bwd_case)(B, K, C, dtype)
     plan = kf._split_plan(B, K, C) if direction == "fwd" else None
@@ -315,17 +327,12 @@ def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
         static, dynamic = static + mix[2], dynamic + mix[3]
         per_element = dynamic * 32 * warps * n_chunks / (K * C)
         issue_us = issue_time(B * n_chunks, warps, dynamic)
-        costs.append(Cost(
-            shape=[B, K, C], dtype=dtype_name, direction=direction,
-            config={"kernel": "split", "BLOCK_C": block_c, "TILES": tiles,
-                    "chunks": n_chunks, "num_warps": warps, "single_tile": False},
-            registers=registers, spill_bytes=spill, sass_static=static,
-            sass_per_thread=dynamic, sass_instructions_per_element=round(per_element, 2),
-            sass_hot_path_per_element=round(per_element, 2),
-            issue_us=round(issue_us, 2), issue_hot_us=round(issue_us, 2),
-            memory_us=round(memory_us, 2),
-            bound="issue" if issue_us > memory_us else "memory",
-            fraction_of_bandwidth=round(min(1.0, memory_us / issue_us), 3)))
+        costs.append(_cost(
+            [B, K, C], dtype_name, direction,
+            {"kernel": "split", "BLOCK_C": block_c, "TILES": tiles, "chunks": n_chunks,
+             "num_warps": warps, "single_tile": False},
+            (registers, spill, static, dynamic), per_element, per_element,
+            issue_us, issue_us, memory_us))
         return costs
     for config in _kept_configs(direction, K, C, dtype):
         block_c, warps = config.kwargs["BLOCK_C"], config.num_warps
@@ -335,17 +342,11 @@ def measure(shape: tuple[int, int, int], dtype_name: str, direction: str, *,
             fn, args, dict(flags, BLOCK_C=block_c, SINGLE_TILE=single), warps, n_tiles)
         per_element = dynamic * 32 * warps / (K * C)
         issue_us = issue_time(B, warps, dynamic)
-        costs.append(Cost(
-            shape=[B, K, C], dtype=dtype_name, direction=direction,
-            config={"kernel": "row", "BLOCK_C": block_c, "num_warps": warps,
-                    "single_tile": single},
-            registers=registers, spill_bytes=spill, sass_static=static,
-            sass_per_thread=dynamic, sass_instructions_per_element=round(per_element, 2),
-            sass_hot_path_per_element=round(per_element, 2),
-            issue_us=round(issue_us, 2), issue_hot_us=round(issue_us, 2),
-            memory_us=round(memory_us, 2),
-            bound="issue" if issue_us > memory_us else "memory",
-            fraction_of_bandwidth=round(min(1.0, memory_us / issue_us), 3)))
+        costs.append(_cost(
+            [B, K, C], dtype_name, direction,
+            {"kernel": "row", "BLOCK_C": block_c, "num_warps": warps, "single_tile": single},
+            (registers, spill, static, dynamic), per_element, per_element,
+            issue_us, issue_us, memory_us))
     return costs
 
 
