@@ -459,6 +459,29 @@ def test_multi_row_underflow_fallback(weighting, masks, block_b):
             rtol_factor=_LARGE_LOGIT_FACTOR / 10)
 
 
+def _compare_poisoned_rows(Z, region, sample, g, **kwargs):
+    """Kernel against reference on a (7, 3, 5) case whose rows 0 and 1 hold a NaN / +inf
+    logit in an active region (NaN rows) and rows 2-5 a logit outside a region, a -inf
+    or an inactive expert's NaN: outputs everywhere (NaN where the reference has NaN),
+    gradients of the clean rows 2-5 (finite wherever Z is finite or -inf)."""
+    kwargs = dict(region_mask=region, sample_mask=sample, return_log_probs=True, **kwargs)
+    z_ref = Z.clone().requires_grad_()
+    z_tri = Z.clone().requires_grad_()
+    ref = fuse_experts(z_ref, backend="torch", **kwargs)
+    tri = fuse_experts(z_tri, backend="triton", **kwargs)
+    for name in ("probs", "energy", "weights", "log_probs"):
+        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
+        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
+    assert torch.isnan(tri.probs[:2]).all() and torch.isfinite(tri.probs[2:]).all()
+    clean = [2, 3, 4, 5]
+    upstream = torch.randn(7, 5, generator=g)
+    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
+    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
+    ok = torch.isfinite(Z) | (Z == -torch.inf)
+    assert torch.isfinite(grad_tri[clean][ok[clean]]).all()
+    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+
+
 @interpreter_test
 @pytest.mark.parametrize("weighting", ["energy", "uniform"])
 @pytest.mark.parametrize("combine", ["prob", "logit"])
@@ -478,23 +501,8 @@ def test_multi_row_nan_and_inf_logits(weighting, combine, T, block_b):
     Z[4, 0, 4] = torch.inf  # outside expert 0's region
     Z[5, 1, 3] = -torch.inf
     Z[6, 2, 0] = torch.nan  # inactive expert
-    kwargs = dict(region_mask=region, sample_mask=sample, weighting=weighting,
-                  combine=combine, energy_temperature=T, return_log_probs=True)
-    z_ref = Z.clone().requires_grad_()
-    z_tri = Z.clone().requires_grad_()
-    ref = fuse_experts(z_ref, backend="torch", **kwargs)
-    tri = fuse_experts(z_tri, backend="triton", **kwargs)
-    for name in ("probs", "energy", "weights", "log_probs"):
-        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
-        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
-    assert torch.isnan(tri.probs[:2]).all() and torch.isfinite(tri.probs[2:]).all()
-    clean = [2, 3, 4, 5]
-    upstream = torch.randn(7, 5, generator=g)
-    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
-    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
-    ok = torch.isfinite(Z) | (Z == -torch.inf)
-    assert torch.isfinite(grad_tri[clean][ok[clean]]).all()
-    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+    _compare_poisoned_rows(Z, region, sample, g, weighting=weighting, combine=combine,
+                           energy_temperature=T)
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,23 +580,8 @@ def test_split_nan_and_inf_logits(weighting, T, split):
     Z[4, 0, 4] = torch.inf  # outside expert 0's region
     Z[5, 1, 3] = -torch.inf
     Z[6, 2, 0] = torch.nan  # inactive expert
-    kwargs = dict(region_mask=region, sample_mask=sample, weighting=weighting,
-                  combine="prob", energy_temperature=T, return_log_probs=True)
-    z_ref = Z.clone().requires_grad_()
-    z_tri = Z.clone().requires_grad_()
-    ref = fuse_experts(z_ref, backend="torch", **kwargs)
-    tri = fuse_experts(z_tri, backend="triton", **kwargs)
-    for name in ("probs", "energy", "weights", "log_probs"):
-        expected, actual = getattr(ref, name).detach(), getattr(tri, name).detach()
-        assert_close(actual, expected, rtol=_FWD_RTOL, atol=_FWD_RTOL, equal_nan=True)
-    assert torch.isnan(tri.probs[:2]).all() and torch.isfinite(tri.probs[2:]).all()
-    clean = [2, 3, 4, 5]
-    upstream = torch.randn(7, 5, generator=g)
-    (grad_ref,) = torch.autograd.grad(ref.probs[clean], z_ref, upstream[clean])
-    (grad_tri,) = torch.autograd.grad(tri.probs[clean], z_tri, upstream[clean])
-    ok = torch.isfinite(Z) | (Z == -torch.inf)
-    assert torch.isfinite(grad_tri[clean][ok[clean]]).all()
-    _check(grad_tri[clean][ok[clean]], grad_ref[clean][ok[clean]], _GRAD_RTOL[torch.float32])
+    _compare_poisoned_rows(Z, region, sample, g, weighting=weighting, combine="prob",
+                           energy_temperature=T)
 
 
 # ---------------------------------------------------------------------------------------
