@@ -557,6 +557,9 @@ class LongTailNet(NeuralNetClassifier):
         :data:`_INFERENCE_BATCH_BYTES` of float32 input (per-batch overhead dominated
         the convergence check of small networks).
         """
+        # Through get_iterator (told by a transient attribute, as its signature is
+        # skorch's): a mixin's get_iterator, e.g. AccelerateMixin's sharding of the
+        # loader across processes, must apply to these passes too.
         min_batch_size = 1
         if inference_only:
             row_bytes = 4 * int(np.prod(self.input_shape_))
