@@ -30,8 +30,9 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from skorch import NeuralNet, NeuralNetClassifier
-from skorch.callbacks import EpochTimer, LRScheduler, PassthroughScoring, PrintLog
+from skorch.callbacks import Callback, EpochTimer, LRScheduler, PassthroughScoring
 from skorch.dataset import get_len, unpack_data
+from skorch.history import History
 from skorch.utils import to_tensor
 
 from ltroute._inputs import (
@@ -63,7 +64,7 @@ from ltroute._validation import (
 )
 from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
 from ltroute.calibration import apply_temperature, as_log_proba, encode_labels, fit_under_prior
-from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck
+from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck, QuietPrintLog
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import BACKBONES, ExpertNet
@@ -104,11 +105,16 @@ _LOADING_PARAMS = frozenset({"num_workers", "pin_memory", "pin_memory_device",
 _MIN_BATCHES_PER_WORKER = 4
 
 #: Float32 input per batch of an inference-only pass over the training fold inside
-#: ``fit`` (at least ``batch_size`` rows): 256 KiB is a tabular training set of a few
-#: thousand rows at once, and ``batch_size`` rows of images (on the 2-core CPU, 682
-#: CIFAR images per batch made the ConvNet's pass 1.9x slower than 128: activations
-#: outgrow the cache; 2935 letter-LT rows at once made the MLP's pass faster).
-_INFERENCE_BATCH_BYTES = 256 * 2**10
+#: ``fit`` (at least ``batch_size`` rows): 64 KiB is about a thousand tabular rows at
+#: once, and ``batch_size`` rows of images (on the 2-core CPU, 682 CIFAR images per
+#: batch made the ConvNet's pass 1.9x slower than 128: activations outgrow the cache;
+#: more letter-LT rows than ``batch_size`` at once made the MLP's pass faster). Not the
+#: whole tabular fold at once: the convergence check stops after the batch that decides
+#: it, usually the first of a trained model.
+_INFERENCE_BATCH_BYTES = 64 * 2**10
+
+#: skorch's per-batch notifications (see ``LongTailNet.notify``).
+_BATCH_HOOKS = ("on_batch_begin", "on_batch_end", "on_grad_computed")
 
 
 def _never(_estimator: Any) -> bool:
@@ -473,7 +479,7 @@ class LongTailNet(NeuralNetClassifier):
                                                          lr_lambda=schedule)))
         # BatchNorm statistics first: the convergence check predicts with them.
         return [*callbacks, ("batchnorm_recalibration", BatchNormRecalibration()),
-                ("print_log", PrintLog()), ("convergence_check", ConvergenceCheck())]
+                ("print_log", QuietPrintLog()), ("convergence_check", ConvergenceCheck())]
 
     def _module_params(self) -> dict[str, Any]:
         """Keyword arguments of the network, sized from the fitted data."""
@@ -651,27 +657,62 @@ class LongTailNet(NeuralNetClassifier):
 
     def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
         """skorch's epoch loop, reading the batch losses back from the device once per
-        epoch instead of once per batch (no host synchronisation between steps).
+        epoch instead of once per batch (no host synchronisation between steps), and
+        notifying each per-batch hook only to the callbacks that implement it
+        (:meth:`notify`).
 
         During the epoch the history holds each batch's loss as a detached 0-d tensor
         (``float(...)`` reads it); from the end of the epoch on, as a float."""
         if iterator is None:
             return
-        key = prefix + "_loss"
+        key, size_key = prefix + "_loss", prefix + "_batch_size"
+        # skorch's plain History: this epoch's batch rows directly (record_batch indexes
+        # the whole history twice a batch); any other history records its own way.
+        rows = self.history[-1]["batches"] if type(self.history) is History else None
         losses = []
-        for batch in iterator:
-            self.notify("on_batch_begin", batch=batch, training=training)
-            step = step_fn(batch, **fit_params)
-            losses.append(step["loss"].detach())
-            self.history.record_batch(key, losses[-1])
-            self.history.record_batch(prefix + "_batch_size", _batch_len(batch))
-            self.notify("on_batch_end", batch=batch, training=training, **step)
+        self.__dict__["_batch_listeners"] = self._batch_listeners()
+        try:
+            for batch in iterator:
+                self.notify("on_batch_begin", batch=batch, training=training)
+                step = step_fn(batch, **fit_params)
+                losses.append(step["loss"].detach())
+                if rows:
+                    rows[-1][key], rows[-1][size_key] = losses[-1], _batch_len(batch)
+                else:
+                    self.history.record_batch(key, losses[-1])
+                    self.history.record_batch(size_key, _batch_len(batch))
+                self.notify("on_batch_end", batch=batch, training=training, **step)
+        finally:
+            self.__dict__.pop("_batch_listeners", None)
         if losses:
             values = torch.stack(losses).float().cpu().tolist()
             batches = self.history[-1]["batches"]
             for entry, value in zip(batches[-len(values):], values, strict=True):
                 entry[key] = value
         self.history.record(prefix + "_batch_count", len(losses))
+
+    def _batch_listeners(self) -> dict[str, list]:
+        """Per-batch hook -> the bound hooks of the callbacks that implement it (a hook
+        left as skorch's ``Callback`` defines it does nothing)."""
+        listeners = {}
+        for name in _BATCH_HOOKS:
+            base = getattr(Callback, name)
+            listeners[name] = [getattr(cb, name) for _, cb in self.callbacks_
+                               if name in vars(cb) or getattr(type(cb), name, None) is not base]
+        return listeners
+
+    def notify(self, method_name, **cb_kwargs):
+        """skorch's ``notify``; during an epoch, a per-batch hook (``on_batch_begin``,
+        ``on_batch_end``, ``on_grad_computed``) skips the callbacks that leave it as
+        skorch's no-op: a few Python calls per callback and batch, which a small
+        network's step (~1 ms) notices."""
+        listeners = self.__dict__.get("_batch_listeners")
+        if listeners is None or method_name not in listeners:
+            return super().notify(method_name, **cb_kwargs)
+        getattr(self, method_name)(self, **cb_kwargs)
+        for hook in listeners[method_name]:
+            hook(self, **cb_kwargs)
+        return None
 
     def _set_training(self, training=True):
         """skorch's ``_set_training``, skipped for a network (or criterion) whose modules
@@ -1005,7 +1046,7 @@ class LongTailNet(NeuralNetClassifier):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_count_statistics", "_augment_fill"):  # caches, possibly on a GPU
+        for name in ("_count_statistics", "_augment_fill", "_batch_listeners"):  # caches
             state.pop(name, None)
         return state
 

@@ -8,9 +8,12 @@ import warnings
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
-from skorch.callbacks import Callback
+from skorch.callbacks import Callback, PrintLog
+from skorch.dataset import Dataset as SkorchDataset
 from skorch.dataset import get_len, unpack_data
+from torch.utils.data import Subset
 
+from ltroute._inputs import TrainingDataset
 from ltroute._validation import split_sample_weight
 from ltroute.losses import (
     class_difficulty,
@@ -21,7 +24,8 @@ from ltroute.losses import (
     prediction_uncertainty,
 )
 
-__all__ = ["BatchNormRecalibration", "ConvergenceCheck", "DifficultyWeighting", "EpochProgressBar"]
+__all__ = ["BatchNormRecalibration", "ConvergenceCheck", "DifficultyWeighting", "EpochProgressBar",
+           "QuietPrintLog"]
 
 
 class EpochProgressBar(Callback):
@@ -57,6 +61,21 @@ class EpochProgressBar(Callback):
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         self.bar_.close()
+
+
+class QuietPrintLog(PrintLog):
+    """skorch's :class:`~skorch.callbacks.PrintLog`, which formats no table when it would
+    print nothing (``verbose=0`` with the default ``sink=print``).
+
+    skorch's ``PrintLog`` tabulates every epoch's row and flushes stdout whether it
+    prints or not. ltroute's estimators use this one (named ``"print_log"``, same
+    parameters); with a ``sink`` of your own every row is formatted and sent, as in skorch.
+    """
+
+    def on_epoch_end(self, net, **kwargs):
+        if self.sink is print and not net.verbose:
+            return
+        super().on_epoch_end(net, **kwargs)
 
 
 class DifficultyWeighting(Callback):
@@ -376,9 +395,15 @@ class ConvergenceCheck(Callback):
       trained for the balanced error, is well above it on the data it was trained on.
       Train longer (``max_epochs``), with a larger ``lr``, or check the data.
 
-    Costs one inference pass over the training fold at the end of ``fit`` (loaded like
-    the training batches, in batches of up to 256 KiB of input: ``batch_size`` rows of
-    images, a few thousand tabular rows at once). Part of every
+    Costs at most one inference pass over the training fold at the end of ``fit``
+    (loaded like the training batches, in batches of up to
+    :data:`~ltroute._base._INFERENCE_BATCH_BYTES` of input: ``batch_size`` rows of
+    images, up to a few thousand tabular rows at once). The pass stops as soon as the
+    correct predictions reach the size of the fold's most frequent class, when the
+    fold's labels are known without loading an item (arrays, the datasets ``fit`` makes,
+    a validation split of them): the accuracy can then no longer fall below the majority
+    share, so the outcome is the one of the whole pass; a trained model usually gets
+    there within the first part of the fold. Part of every
     ltroute estimator's default callbacks (named ``"convergence_check"``; switch it off
     with ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
     """
@@ -405,6 +430,11 @@ class ConvergenceCheck(Callback):
         dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
         if self.diverged_ or dataset is None:
             return
+        # Enough correct predictions to reach the majority count: the accuracy over the
+        # whole fold cannot fall below the majority share any more, so the rest of the
+        # pass cannot change the outcome. Not with Accelerate: its loaders keep their
+        # state (for gather_for_metrics) unless iterated to the end.
+        enough = None if hasattr(net, "accelerator") else _majority_count(dataset)
         correct, counts = 0, None
         with torch.no_grad(), _rng_untouched(net):
             for batch in _training_fold_iterator(net, dataset, inference_only=True):
@@ -416,6 +446,8 @@ class ConvergenceCheck(Callback):
                     # judges the whole training fold and they all warn or none does.
                     target = net.accelerator.gather_for_metrics(target)
                 correct += int((probs.argmax(dim=1) == target).sum())
+                if enough is not None and correct >= enough:
+                    return
                 batch_counts = torch.bincount(target.cpu(), minlength=len(net.classes_))
                 counts = batch_counts if counts is None else counts + batch_counts
         if counts is None:
@@ -429,6 +461,34 @@ class ConvergenceCheck(Callback):
                 f"most frequent class (after {len(net.history)} epochs). Train longer "
                 "(max_epochs), with a larger lr, or check the data.",
                 ConvergenceWarning, stacklevel=2)
+
+
+def _fold_labels(dataset) -> np.ndarray | None:
+    """The labels of a training fold known without loading any item, as its batches
+    carry them: skorch's ``Dataset`` over arrays (its ``y``) and ltroute's
+    ``TrainingDataset`` (its encoded ``targets``), also through ``torch``'s ``Subset``
+    (skorch's ``ValidSplit``); ``None`` for any other dataset."""
+    if isinstance(dataset, Subset):
+        labels = _fold_labels(dataset.dataset)
+        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    if type(dataset) is SkorchDataset:
+        labels = dataset.y
+    elif type(dataset) is TrainingDataset:
+        labels = dataset.targets
+    else:
+        return None
+    if isinstance(labels, torch.Tensor):
+        labels = labels.numpy(force=True)
+    return labels if isinstance(labels, np.ndarray) and labels.ndim == 1 else None
+
+
+def _majority_count(dataset) -> int | None:
+    """Number of samples of the most frequent class of a training fold whose labels
+    :func:`_fold_labels` knows (class indices), else ``None``."""
+    labels = _fold_labels(dataset)
+    if labels is None or labels.dtype.kind not in "iu" or not len(labels) or labels.min() < 0:
+        return None
+    return int(np.bincount(labels).max())
 
 
 def _training_fold_iterator(net, dataset, inference_only: bool = False):

@@ -1,14 +1,19 @@
 """The training loop's bookkeeping (ltroute/_base.py): per-fit loss statistics, training
 mode, the history, and how the passes over the training fold inside ``fit`` load."""
 
+import collections
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from skorch.callbacks import Callback, EpochTimer, PrintLog
 from torch.testing import assert_close
 
 from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute.callbacks import ConvergenceCheck
 from ltroute.losses import (
     balanced_softmax_loss,
     distribution_aware_temperature,
@@ -156,14 +161,14 @@ def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter
     clf = fitted(RIDEClassifier, small_letter, router=False, max_epochs=1)
     dataset = clf.get_dataset(X.astype(np.float32), np.unique(y, return_inverse=True)[1])
     batches = list(clf._training_fold_iterator(dataset, inference_only=True))
-    assert len(batches) == 1  # 256 KiB of 16 features: the whole training fold
-    assert_close(clf.evaluation_step(batches[0])[0],  # outputs independent of the batch
+    assert len(batches) == -(-len(X) // 1024)  # 64 KiB of 16 features: 1024 rows
+    assert_close(torch.cat([clf.evaluation_step(b)[0] for b in batches]),  # same outputs
                  torch.cat([clf.evaluation_step(b)[0]
                             for b in clf.get_iterator(dataset, training=False)]))
     # BatchNorm recalibration keeps batch_size rows (batch statistics depend on them)
     assert len(next(iter(clf._training_fold_iterator(dataset)))[0]) == clf.batch_size
     images = LongTailClassifier(batch_size=32)
-    for shape in [(3, 32, 32), (3, 224, 224)]:  # 256 KiB: 21 CIFAR images, batch_size
+    for shape in [(3, 32, 32), (3, 224, 224)]:  # 64 KiB: 5 CIFAR images, batch_size
         images.input_shape_ = shape
         loader = images._training_fold_iterator(dataset, inference_only=True)
         assert loader.sampler.batch_size == 32
@@ -172,3 +177,121 @@ def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter
     workers.input_shape_ = clf.input_shape_
     loader = workers._training_fold_iterator(dataset, inference_only=True)
     assert (loader.num_workers, loader.sampler.batch_size) == (2, 128)
+
+
+class _CountingHooks(Callback):
+    """Counts the per-batch notifications it receives."""
+
+    def initialize(self):
+        self.calls_ = collections.Counter()
+        return self
+
+    def on_batch_begin(self, net, batch=None, training=None, **kwargs):
+        self.calls_["begin"] += 1
+
+    def on_batch_end(self, net, batch=None, training=None, loss=None, **kwargs):
+        self.calls_["end"] += loss is not None and "y_pred" in kwargs
+
+    def on_grad_computed(self, net, named_parameters, batch=None, training=None, **kwargs):
+        self.calls_["grad"] += len(list(named_parameters)) > 0
+
+
+def test_batch_hooks_reach_every_callback_that_implements_one(small_letter, monkeypatch):
+    skipped = collections.Counter()
+    for name in ("on_batch_begin", "on_batch_end", "on_grad_computed"):
+        def no_op(self, net, *args, _name=name, **kwargs):
+            skipped[_name] += 1
+        monkeypatch.setattr(Callback, name, no_op)  # what the other callbacks inherit
+    instance = []
+    counting, patched = _CountingHooks(), EpochTimer()
+    patched.on_batch_end = lambda net, **kwargs: instance.append(kwargs["training"])
+    clf = fitted(LongTailClassifier, small_letter, max_epochs=2,
+                 callbacks=[("counting", counting), ("patched", patched)])
+    steps = sum(epoch["train_batch_count"] for epoch in clf.history_)
+    assert dict(counting.calls_) == {"begin": steps, "end": steps, "grad": steps}
+    assert instance == [True] * steps  # a hook set on the instance counts too
+    assert skipped == {}  # no callback was handed a hook it leaves as skorch's no-op
+    assert "_batch_listeners" not in clf.__dict__
+    # outside an epoch, notify is skorch's: every callback is called
+    clf.notify("on_batch_end", batch=None, training=False)
+    assert skipped["on_batch_end"] > 0
+
+
+def test_print_log_formats_only_what_it_prints(small_letter, capsys, monkeypatch):
+    clf = fitted(LongTailClassifier, small_letter, verbose=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + clf.max_epochs and "train_loss" in lines[0]
+    assert isinstance(dict(clf.callbacks_)["print_log"], PrintLog)
+
+    def table(self, row):
+        raise AssertionError("a table nobody prints")
+
+    monkeypatch.setattr(PrintLog, "table", table)
+    fitted(LongTailClassifier, small_letter, verbose=0)
+    assert capsys.readouterr().out == ""
+    monkeypatch.undo()
+    rows = []  # a sink of one's own receives every row, as with skorch's PrintLog
+    fitted(LongTailClassifier, small_letter, verbose=0, callbacks__print_log__sink=rows.append)
+    assert len(rows) == len(lines) and "train_loss" in rows[0]
+
+
+def _convergence_pass(clf, dataset, full=False):
+    """(batch sizes inferred, ConvergenceWarning messages) of the convergence check's
+    pass over ``dataset``; ``full``: without stopping early."""
+    calls = []
+    evaluation_step = type(clf).evaluation_step
+
+    def counted(self, batch, training=False):
+        calls.append(len(batch[1]))
+        return evaluation_step(self, batch, training=training)
+
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        if full:
+            patch.setattr("ltroute.callbacks._majority_count", lambda dataset: None)
+        patch.setattr(type(clf), "evaluation_step", counted)
+        warnings.simplefilter("always", ConvergenceWarning)
+        check = ConvergenceCheck()
+        check.on_train_begin(clf)
+        check.on_epoch_begin(clf, dataset_train=dataset)
+        check.on_train_end(clf)
+    return calls, [str(w.message) for w in caught if w.category is ConvergenceWarning]
+
+
+def test_convergence_check_stops_once_the_outcome_is_decided(small_letter, monkeypatch):
+    X, y = small_letter[:2]
+    clf = fitted(LongTailClassifier, small_letter, max_epochs=3, lr=1e-2)
+    codes = np.searchsorted(clf.classes_, y)
+    dataset = clf.get_dataset(X.astype(np.float32), codes)
+    monkeypatch.setattr("ltroute._base._INFERENCE_BATCH_BYTES", 64 * 4 * X.shape[1])
+    early, warned = _convergence_pass(clf, dataset)
+    full, warned_full = _convergence_pass(clf, dataset, full=True)
+    assert warned == warned_full == []
+    assert sum(full) == len(X) and len(full) == -(-len(X) // 64)
+    assert len(early) < len(full) / 2  # a trained model: decided early
+    # reached: the correct predictions of the batches it saw reach the majority count
+    probs = clf.predict_proba(X[:sum(early)])
+    assert (probs.argmax(axis=1) == codes[:sum(early)]).sum() >= np.bincount(codes).max()
+    # a validation split's training fold (a Subset) and ltroute's own datasets are known
+    subset = torch.utils.data.Subset(dataset, np.arange(0, len(X), 2))
+    assert len(_convergence_pass(clf, subset)[0]) < -(-len(subset) // 64)
+    # labels it cannot know without loading: the whole pass, as before
+    items = list(zip(torch.as_tensor(X, dtype=torch.float32), codes, strict=True))
+    opaque = torch.utils.data.Subset(items, range(len(X)))
+    assert sum(_convergence_pass(clf, opaque)[0]) == len(X)
+
+
+def test_convergence_check_outcome_is_unchanged_when_far_from_converged(small_letter,
+                                                                       monkeypatch):
+    X, y = small_letter[:2]
+    clf = fitted(LongTailClassifier, small_letter, max_epochs=1)
+    with torch.no_grad():  # predicts the rarest class everywhere
+        head = [m for m in clf.module_.modules() if isinstance(m, torch.nn.Linear)][-1]
+        head.weight.zero_()
+        head.bias.fill_(0).data[np.argmin(clf.class_counts_)] = 1.0
+    dataset = clf.get_dataset(X.astype(np.float32), np.searchsorted(clf.classes_, y))
+    monkeypatch.setattr("ltroute._base._INFERENCE_BATCH_BYTES", 64 * 4 * X.shape[1])
+    early, warned = _convergence_pass(clf, dataset)
+    full, warned_full = _convergence_pass(clf, dataset, full=True)
+    assert early == full and len(warned) == 1 and warned == warned_full
+    share = clf.class_counts_.min() / len(X)
+    assert f"is {share:.3f}, below {clf.class_counts_.max() / len(X):.3f}" in warned[0]
