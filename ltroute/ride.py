@@ -323,10 +323,10 @@ class RIDEClassifier(LongTailNet):
     official code (``tests/test_ride.py`` transcribes its EA forward). The router learns
     from the training stream, and with weighted BCE its logit is positive where the rate
     ``q`` of "this prefix is wrong and a longer one right" exceeds
-    ``1 / (1 + router_pos_weight)`` (1 % at 100). When the experts fit the training set
+    ``1 / (1 + router_pos_weight)`` (1 %% at 100). When the experts fit the training set
     (small data, no augmentation), ``q`` is far lower there than on unseen data
-    (MNIST-LT, ConvNet, 30 epochs, seed 0: 0.13 % of training samples, 0.6 % of the
-    class-balanced stream, against 2.2 % of the test samples), so the router learns to
+    (MNIST-LT, ConvNet, 30 epochs, seed 0: 0.13 %% of training samples, 0.6 %% of the
+    class-balanced stream, against 2.2 %% of the test samples), so the router learns to
     stop after the first expert, as the official code does on such data; augmentation
     (the official CIFAR recipe) keeps training errors that resemble test errors.
     ``router_margin=True`` (not in the official code) counts a prefix as right only
