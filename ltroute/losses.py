@@ -346,12 +346,18 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
     return temp.mean() ** 2 * kl
 
 
-def router_targets(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def router_targets(expert_logits: torch.Tensor, target: torch.Tensor, *,
+                   margins: torch.Tensor | None = None) -> torch.Tensor:
     r"""Targets of RIDE's K - 1 routing decisions from cumulative expert ensembles.
 
     Decision ``i`` (after experts ``0..i`` ran) should add expert ``i + 1`` exactly when
     the prefix ensemble ``argmax sum_{l <= i} z_l`` is wrong and some longer prefix
-    ``argmax sum_{l <= j} z_l``, ``j > i``, is right.
+    ``argmax sum_{l <= j} z_l``, ``j > i``, is right (the official code).
+
+    With ``margins``, a prefix counts as right only when it is right by its label's
+    margin: ``argmax_c (zbar_{<=j, c} - m_y [c = y]) = y`` with ``zbar_{<=j}`` the mean
+    logits of experts ``0..j`` (LDAM's adjustment of the logits, applied to the prefix
+    ensemble). ``margins=None`` (or all zero) gives the official targets.
 
     Parameters
     ----------
@@ -359,12 +365,31 @@ def router_targets(expert_logits: torch.Tensor, target: torch.Tensor) -> torch.T
         Logits of the K experts, in routing order.
     target : torch.Tensor of shape (B,)
         Encoded labels.
+    margins : torch.Tensor of shape (C,), optional
+        Non-negative margin of each class, in logit units (e.g. ``head_scale *``
+        :func:`ldam_margins`).
 
     Returns
     -------
     torch.Tensor of shape (B, K - 1), dtype bool
+
+    Examples
+    --------
+    >>> z = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [3.0, 0.0]]])  # right by 1, 2, 2.33
+    >>> router_targets(z, torch.tensor([0])).tolist()
+    [[False, False]]
+    >>> router_targets(z, torch.tensor([0]), margins=torch.tensor([1.5, 1.5])).tolist()
+    [[True, False]]
     """
-    correct = expert_logits.cumsum(dim=1).argmax(dim=2) == target.unsqueeze(1)
+    cumulative = expert_logits.cumsum(dim=1)
+    if margins is not None:
+        counts = torch.arange(1, expert_logits.shape[1] + 1, device=cumulative.device,
+                              dtype=cumulative.dtype)
+        cumulative = cumulative / counts.view(1, -1, 1)
+        label_margin = margins.to(cumulative)[target].view(-1, 1, 1)
+        cumulative = cumulative - label_margin * F.one_hot(
+            target, expert_logits.shape[2]).to(cumulative).unsqueeze(1)
+    correct = cumulative.argmax(dim=2) == target.unsqueeze(1)
     correct_from = correct.flip(1).cumsum(dim=1).flip(1) > 0  # some prefix j >= i is right
     return ~correct[:, :-1] & correct_from[:, 1:]
 

@@ -208,6 +208,25 @@ def test_router_targets_on_a_hand_built_batch():
     assert targets.tolist() == expected
 
 
+def test_router_targets_with_margins_on_a_hand_built_batch():
+    """With margins a prefix is right only when its *mean* logits clear the label's
+    margin (label 0, margin 1.5 for class 0; class 1's margin is never used)."""
+    logits = torch.tensor([
+        [[1.0, 0.0], [3.0, 0.0], [3.0, 0.0]],  # means 1, 2, 2.33 ahead: 0 at risk, 0+1 clears
+        [[4.0, 0.0], [0.0, 1.0], [0.0, 0.0]],  # means 4, 1.5, 1: 0 clears; stop
+        [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]],  # 1 ahead everywhere, never clears: no help
+        [[0.0, 1.0], [0.0, 0.0], [6.0, 0.0]],  # means -1, -0.5, 1.67: only 0+1+2 clears
+    ])
+    target = torch.zeros(4, dtype=torch.long)
+    margins = torch.tensor([1.5, 100.0])
+    expected = [[True, False], [False, False], [False, False], [True, True]]
+    assert router_targets(logits, target, margins=margins).tolist() == expected
+    # No margin: the official targets (sums and means have the same argmax).
+    assert_close(router_targets(logits, target, margins=torch.zeros(2)).int(),
+                 router_targets(logits, target).int())
+    assert router_targets(logits, target).tolist() == [[False, False]] * 3 + [[True, True]]
+
+
 def test_router_loss_weights_positive_targets():
     scores, targets = torch.tensor([[0.0, 0.0]]), torch.tensor([[True, False]])
     assert router_loss(scores, targets, pos_weight=100.0).item() == pytest.approx(
@@ -290,6 +309,92 @@ def test_threshold_one_always_stops_after_the_first_expert(fitted, data):
     assert clf.relative_macs_ == pytest.approx(first / full)
     logits = clf.module_(torch.as_tensor(X_test, dtype=torch.float32)).detach()
     assert_close(torch.as_tensor(clf.predict_proba(X_test)), torch.softmax(logits[:, 0], 1))
+
+
+def _official_ea_training_loss(net, router, x, target, pos_weight):
+    """``ea_resnet_cifar.ResNet_s.forward(x, target)`` with ``pred_expert_help`` of the
+    official code (frank-xwang/RIDE-LongTailRecognition, model/ldam_drw_resnets/
+    ea_resnet_cifar.py), transcribed onto an ``ExpertNet`` and a ``RIDERouter``."""
+    shared_part = net.shared(x)
+    n_experts = net.n_experts
+    output = shared_part.new_zeros((len(x), net.n_classes))
+    expert_help_preds = output.new_zeros((len(x), n_experts - 1))
+    correctness = output.new_zeros((len(x), n_experts), dtype=torch.bool)
+    loss = output.new_zeros((1,))
+    for i in range(n_experts):
+        feat = net.expert_features(shared_part, i)
+        output += net.expert_logits(feat, i)
+        correctness[:, i] = output.argmax(dim=1) == target
+        if i != n_experts - 1:
+            feature = feat / feat.norm(dim=1, keepdim=True)
+            feature = F.relu(router.hidden[i](feature))
+            topk, _ = torch.topk(output / (i + 1), k=router.top_k, dim=1)
+            expert_help_preds[:, i] = router.output(torch.cat((topk, feature), dim=1)).view(-1)
+    for i in range(n_experts - 1):
+        expert_help_target = (~correctness[:, i]) & correctness[:, i + 1:].any(dim=1)
+        loss += F.binary_cross_entropy_with_logits(
+            expert_help_preds[:, i], expert_help_target.float(),
+            pos_weight=expert_help_preds.new_tensor([pos_weight]))
+    return loss / (n_experts - 1)
+
+
+def _official_ea_inference(net, router, x):
+    """The official test-time branch of the same ``forward``: logits and experts used."""
+    shared_part = net.shared(x)
+    expert_next = shared_part.new_ones((len(x),), dtype=torch.bool)
+    num_experts = shared_part.new_ones((len(x), 1), dtype=torch.long)
+    feat = net.expert_features(shared_part, 0)
+    output = net.expert_logits(feat, 0)
+    for i in range(1, net.n_experts):
+        feature = F.relu(router.hidden[i - 1](feat / feat.norm(dim=1, keepdim=True)))
+        topk, _ = torch.topk(output[expert_next] / i, k=router.top_k, dim=1)
+        pred = router.output(torch.cat((topk, feature), dim=1)).view(-1)
+        expert_next[expert_next.clone()] = torch.sigmoid(pred) > 0.5
+        if not expert_next.any():
+            break
+        feat = net.expert_features(shared_part[expert_next], i)
+        output[expert_next] += net.expert_logits(feat, i)
+        num_experts[expert_next] += 1
+    return output / num_experts, num_experts.flatten()
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "resnet32"])
+def test_stage_two_loss_and_gradients_match_the_official_code(backbone):
+    """Our stage-2 batch (targets, router logits, weighted BCE) against the official EA
+    training forward: same loss and same router gradients, on an MLP and on RIDE's
+    ResNet-32 (BatchNorm in eval mode in both, as the official ``_hook_before_iter``)."""
+    rng = np.random.RandomState(0)
+    shape = (20,) if backbone == "mlp" else (3, 16, 16)
+    X = rng.randn(96, *shape).astype(np.float32)
+    y = np.repeat(np.arange(12), 8)
+    clf = RIDEClassifier(backbone=backbone, max_epochs=1, router_epochs=1, batch_size=32,
+                         router_top_k=5, hidden_sizes=(32,), expert_hidden_sizes=(16,),
+                         device="cpu", random_state=0).fit(X, y)
+    x, target = torch.as_tensor(X), torch.as_tensor(y)
+    scores, targets = clf._router_batch(x, target)
+    ours = router_loss(scores, targets, pos_weight=100.0)
+    grads = torch.autograd.grad(ours, list(clf.router_module_.parameters()))
+    assert 0 < targets.float().mean() < 1  # both kinds of targets occur
+    clf.module_.eval()
+    official = _official_ea_training_loss(clf.module_, clf.router_module_, x, target, 100.0)
+    expected = torch.autograd.grad(official.sum(), list(clf.router_module_.parameters()))
+    assert_close(ours, official.squeeze(0), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_routed_inference_matches_the_official_code(fitted, data):
+    """Experts used per sample and the routed output, against the official test-time
+    loop (sigmoid > 0.5, prefix routing, mean of the used experts' logits)."""
+    _, _, X_test, _ = data
+    x = torch.as_tensor(X_test, dtype=torch.float32)
+    fitted.module_.eval()
+    with torch.no_grad():
+        logits, used = _official_ea_inference(fitted.module_, fitted.router_module_, x)
+    np.testing.assert_array_equal(fitted.route(X_test), used.numpy())
+    assert 1 < used.float().mean() < 3
+    assert_close(torch.as_tensor(fitted.predict_proba(X_test)), torch.softmax(logits, 1),
+                 rtol=1e-5, atol=1e-6)
 
 
 def test_resnet32_compute_matches_the_spec_counts():
