@@ -29,6 +29,7 @@ import argparse
 import csv
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +46,24 @@ from ltroute._registry import (  # noqa: E402
     RIDE_ABLATIONS,
     make_estimator,
 )
-from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt  # noqa: E402
-from ltroute.metrics import group_accuracy, shot_groups  # noqa: E402
+from ltroute.datasets import (  # noqa: E402
+    load_cifar_lt,
+    load_digits_lt,
+    load_letter_lt,
+    load_mnist_lt,
+)
+from ltroute.metrics import EmptyGroupWarning, group_accuracy, shot_groups  # noqa: E402
 from ltroute.ride import RIDEClassifier  # noqa: E402
 
 DATASETS = {"letter": ("letter-LT", load_letter_lt), "mnist": ("MNIST-LT", load_mnist_lt),
-            "digits": ("digits-LT", load_digits_lt)}
+            "digits": ("digits-LT", load_digits_lt),
+            # needs --cifar-root; Cao et al.'s fixed selection: seeds vary the fit only
+            "cifar10": ("CIFAR-10-LT (JPEG copy)", None)}
+#: Data handling every method gets on a data set, whatever the recipe: CIFAR-10-LT with
+#: the papers' crop + flip and per-channel normalisation from the training data, on the
+#: small ConvNet (a CPU proxy; ``--backbone resnet32`` for the papers' network).
+DATA_SETTINGS = {"cifar10": {"augmentation": "cifar", "normalize": "auto",
+                             "backbone": "convnet"}}
 GROUPS = ("overall", "many", "medium", "few", "hardest")
 BASELINES = ["ce", "ldam-drw", "logit-adjusted"]
 #: suite -> (fragment name, methods, title)
@@ -85,7 +98,8 @@ def hardest_classes(data, *, epochs: int, seed: int) -> np.ndarray:
     val = validation_split(data.y_train, seed=seed)
     X_fit, y_fit = data.X_train[~val], data.y_train[~val]
     X_val, y_val = data.X_train[val], data.y_train[val]
-    clf = make_estimator("ce", max_epochs=epochs, random_state=seed).fit(X_fit, y_fit)
+    clf = make_estimator("ce", max_epochs=epochs, random_state=seed)
+    clf.set_params(**data.settings).fit(X_fit, y_fit)
     pred = clf.predict(X_val)
     classes = np.unique(data.y_train)
     error = np.array([np.mean(pred[y_val == c] != c) if np.any(y_val == c) else 1.0
@@ -98,13 +112,16 @@ def run_one(method: str, data, *, epochs: int, seed: int,
     """Fit one configuration on one seed (under ``recipe`` when given, else the method's
     own); return its scores and timings."""
     clf = make_estimator(method, max_epochs=epochs, random_state=seed)
+    clf.set_params(**data.settings)
     if recipe is not None:
         clf.set_params(**recipe.params(epochs))
     start = time.perf_counter()
     clf.fit(data.X_train, data.y_train)
     fit_seconds = time.perf_counter() - start
     pred = clf.predict(data.X_test)
-    scores = group_accuracy(data.y_test, pred, class_counts=data.class_counts)
+    with warnings.catch_warnings():  # an empty group (CIFAR-10-LT's few) is NaN, shown "–"
+        warnings.simplefilter("ignore", EmptyGroupWarning)
+        scores = group_accuracy(data.y_test, pred, class_counts=data.class_counts)
     if hardest is not None:
         scores["hardest"] = float(np.mean([np.mean(pred[data.y_test == c] == c)
                                            for c in hardest]))
@@ -130,8 +147,9 @@ def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[st
         rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
         cells = []
         for key in GROUPS:
-            values = 100 * np.array([r[key] for r in rows])
-            cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+            values = 100 * np.array([r[key] for r in rows], dtype=float)
+            cells.append("–" if np.isnan(values).all() else
+                         f"{values.mean():.1f} ± {values.std():.1f}")
         experts = f"{np.mean([r['experts'] for r in rows]):.2f}"
         if "experts_many" in rows[0]:
             experts += " (" + " / ".join(f"{np.mean([r[f'experts_{g}'] for r in rows]):.2f}"
@@ -174,6 +192,19 @@ def _plot(runs: list[dict], methods: list[str], datasets: list[str], path: Path)
     plt.close(fig)
 
 
+def load(dataset: str, seed: int, args: argparse.Namespace):
+    """The long-tailed split of ``dataset`` for ``seed``, with ``settings``: the data
+    handling every method gets on it (``DATA_SETTINGS``, ``--backbone``)."""
+    if dataset == "cifar10":
+        data = load_cifar_lt(args.cifar_root, n_classes=10, imbalance_ratio=100)
+    else:
+        data = DATASETS[dataset][1](random_state=seed)
+    data.settings = dict(DATA_SETTINGS.get(dataset, {}))
+    if args.backbone:
+        data.settings["backbone"] = args.backbone
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
@@ -181,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="main")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help="override the suite's methods")
+    parser.add_argument("--cifar-root", help="image folder of CIFAR-10 (root/{train,test}/"
+                        "<class>/), for --datasets cifar10")
+    parser.add_argument("--backbone", help="override the backbone of every data set")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--recipe", choices=["own", "shared"], default="own",
@@ -199,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         title_text += ", one shared recipe"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if "cifar10" in args.datasets and not args.cifar_root:
+        parser.error("--datasets cifar10 needs --cifar-root")
 
     runs = []
     for dataset in args.datasets:
-        title, loader = DATASETS[dataset]
+        title = DATASETS[dataset][0]
         for seed in args.seeds:
-            data = loader(random_state=seed)
+            data = load(dataset, seed, args)
             hardest = hardest_classes(data, epochs=args.epochs, seed=seed)
             print(f"{title:10s} seed {seed} hardest third (CE validation error): "
                   f"{hardest.tolist()}", flush=True)
