@@ -152,8 +152,10 @@ def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[st
                          f"{values.mean():.1f} ± {values.std():.1f}")
         experts = f"{np.mean([r['experts'] for r in rows]):.2f}"
         if "experts_many" in rows[0]:
-            experts += " (" + " / ".join(f"{np.mean([r[f'experts_{g}'] for r in rows]):.2f}"
-                                         for g in ("many", "medium", "few")) + ")"
+            per_group = [np.mean([r[f"experts_{g}"] for r in rows])
+                         for g in ("many", "medium", "few")]
+            experts += " (" + " / ".join("–" if np.isnan(v) else f"{v:.2f}"
+                                         for v in per_group) + ")"
         compute = np.mean([r["relative_compute"] for r in rows])
         fit = np.array([r["fit_s"] for r in rows])
         lines.append(f"| {method} | {' | '.join(cells)} | {experts} | {compute:.2f} | "
