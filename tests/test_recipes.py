@@ -38,7 +38,7 @@ def test_recipe_replaces_each_estimators_optimiser_schedule_and_head(cls, name):
     for key, value in recipe.optimizer_params.items():
         assert clf.optimizer_.param_groups[0][key] == value
     # The learning rate of every epoch follows the recipe's schedule, not the estimator's.
-    schedule = StepWarmupSchedule(epochs, warmup_epochs=recipe.scaled_warmup(epochs),
+    schedule = StepWarmupSchedule(epochs, warmup_epochs=recipe.warmup(epochs),
                                   gamma=recipe.lr_decay)
     expected = [recipe.lr * schedule(e) for e in range(epochs)]
     np.testing.assert_allclose(clf.history[:, "event_lr"], expected, rtol=1e-12)
@@ -48,12 +48,12 @@ def test_recipe_replaces_each_estimators_optimiser_schedule_and_head(cls, name):
         assert heads, "a cosine recipe must build cosine heads"
 
 
-def test_warmup_scales_with_the_run_and_is_kept_when_asked_for():
+def test_warmup_keeps_its_epochs_in_short_runs_and_never_exceeds_the_run():
     recipe = Recipe("r", torch.optim.SGD, 0.1, warmup_epochs=5)
-    assert recipe.scaled_warmup(200) == 5
-    assert recipe.scaled_warmup(30) == 1  # at least one epoch
-    assert Recipe("r", torch.optim.SGD, 0.1).scaled_warmup(30) == 0
-    assert "1 warm-up epoch" in recipe.describe(30)
+    assert recipe.warmup(200) == recipe.warmup(30) == 5
+    assert recipe.warmup(3) == 3
+    assert Recipe("r", torch.optim.SGD, 0.1).warmup(30) == 0
+    assert "5 warm-up epoch(s)" in recipe.describe(30)
 
 
 def test_every_shared_recipe_is_a_candidate():
