@@ -22,8 +22,9 @@ RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 
 #: Fragment order in RESULTS.md; fragments not listed come after, alphabetically.
 ORDER = [
-    "accuracy", "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed",
-    "fusion",
+    "recipe_search_letter", "recipe_search_mnist", "accuracy_letter_shared", "accuracy_letter",
+    "accuracy_mnist_shared", "accuracy_mnist", "cifar_lt", "overhead", "accuracy",
+    "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed", "fusion",
 ]
 
 

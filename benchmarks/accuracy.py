@@ -8,15 +8,19 @@ medium / few-shot accuracy (mean ± std over seeds), mean experts used per test 
 
 A *suite* names the methods: ``main`` (the README table: the baselines, RIDE and
 DQRoute), ``baselines`` (every loss of ``LongTailClassifier``), ``ride`` (RIDE's
-ablations beside the baselines) and ``dqroute`` (DQRoute's ablations). Writes
-``benchmarks/results/<suite name>.md`` (+ ``.csv`` with every run, + ``.png``) and
-refreshes ``benchmarks/RESULTS.md``.
+ablations beside the baselines) and ``dqroute`` (DQRoute's ablations). ``--recipe own``
+(the default) trains each method with its own registered configuration; ``--recipe
+shared`` trains every method with the data set's one shared recipe (optimiser, schedule
+and head of ``benchmarks/_recipes.py``, chosen on a validation split by
+``benchmarks/recipe_search.py``). Writes ``benchmarks/results/<suite name>.md`` (+
+``.csv`` with every run, + ``.png``) and refreshes ``benchmarks/RESULTS.md``.
 
 Usage::
 
     python benchmarks/accuracy.py                       # main suite: letter + mnist, 3 seeds
     python benchmarks/accuracy.py --suite ride --datasets letter
     python benchmarks/accuracy.py --datasets letter --seeds 0 --methods ce ride
+    python benchmarks/accuracy.py --recipe shared     # every method, one recipe
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import csv
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
+from _recipes import Recipe, recipe_for  # noqa: E402
 
 from ltroute._registry import (  # noqa: E402
     DQROUTE_ABLATIONS,
@@ -40,12 +46,24 @@ from ltroute._registry import (  # noqa: E402
     RIDE_ABLATIONS,
     make_estimator,
 )
-from ltroute.datasets import load_digits_lt, load_letter_lt, load_mnist_lt  # noqa: E402
-from ltroute.metrics import group_accuracy, shot_groups  # noqa: E402
+from ltroute.datasets import (  # noqa: E402
+    load_cifar_lt,
+    load_digits_lt,
+    load_letter_lt,
+    load_mnist_lt,
+)
+from ltroute.metrics import EmptyGroupWarning, group_accuracy, shot_groups  # noqa: E402
 from ltroute.ride import RIDEClassifier  # noqa: E402
 
 DATASETS = {"letter": ("letter-LT", load_letter_lt), "mnist": ("MNIST-LT", load_mnist_lt),
-            "digits": ("digits-LT", load_digits_lt)}
+            "digits": ("digits-LT", load_digits_lt),
+            # needs --cifar-root; Cao et al.'s fixed selection: seeds vary the fit only
+            "cifar10": ("CIFAR-10-LT (JPEG copy)", None)}
+#: Data handling every method gets on a data set, whatever the recipe: CIFAR-10-LT with
+#: the papers' crop + flip and per-channel normalisation from the training data, on the
+#: small ConvNet (a CPU proxy; ``--backbone resnet32`` for the papers' network).
+DATA_SETTINGS = {"cifar10": {"augmentation": "cifar", "normalize": "auto",
+                             "backbone": "convnet"}}
 GROUPS = ("overall", "many", "medium", "few", "hardest")
 BASELINES = ["ce", "ldam-drw", "logit-adjusted"]
 #: suite -> (fragment name, methods, title)
@@ -62,18 +80,26 @@ SUITES = {
 }
 
 
+def validation_split(y: np.ndarray, *, seed: int) -> np.ndarray:
+    """Boolean mask of a stratified 20 % validation part of the training labels ``y``
+    (20 % of each class, rounded; none of a 1-sample class), seeded by ``seed``."""
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        val[members[:int(round(0.2 * len(members)))]] = True
+    return val
+
+
 def hardest_classes(data, *, epochs: int, seed: int) -> np.ndarray:
     """The hardest third of the classes: highest per-class error of a cross-entropy model
     (``LongTailClassifier(loss="ce")``) trained on 80 % of the training split and scored
-    on the other 20 % (stratified, seeded); the test split is never used."""
-    rng = np.random.default_rng(seed)
-    val = np.zeros(len(data.y_train), dtype=bool)
-    for c in np.unique(data.y_train):  # 20 % of each class (none of a 1-sample class)
-        members = rng.permutation(np.flatnonzero(data.y_train == c))
-        val[members[:int(round(0.2 * len(members)))]] = True
+    on the other 20 % (:func:`validation_split`); the test split is never used."""
+    val = validation_split(data.y_train, seed=seed)
     X_fit, y_fit = data.X_train[~val], data.y_train[~val]
     X_val, y_val = data.X_train[val], data.y_train[val]
-    clf = make_estimator("ce", max_epochs=epochs, random_state=seed).fit(X_fit, y_fit)
+    clf = make_estimator("ce", max_epochs=epochs, random_state=seed)
+    clf.set_params(**data.settings).fit(X_fit, y_fit)
     pred = clf.predict(X_val)
     classes = np.unique(data.y_train)
     error = np.array([np.mean(pred[y_val == c] != c) if np.any(y_val == c) else 1.0
@@ -82,14 +108,20 @@ def hardest_classes(data, *, epochs: int, seed: int) -> np.ndarray:
 
 
 def run_one(method: str, data, *, epochs: int, seed: int,
-            hardest: np.ndarray | None = None) -> dict:
-    """Fit one configuration on one seed; return its scores and timings."""
+            hardest: np.ndarray | None = None, recipe: Recipe | None = None) -> dict:
+    """Fit one configuration on one seed (under ``recipe`` when given, else the method's
+    own); return its scores and timings."""
     clf = make_estimator(method, max_epochs=epochs, random_state=seed)
+    clf.set_params(**data.settings)
+    if recipe is not None:
+        clf.set_params(**recipe.params(epochs))
     start = time.perf_counter()
     clf.fit(data.X_train, data.y_train)
     fit_seconds = time.perf_counter() - start
     pred = clf.predict(data.X_test)
-    scores = group_accuracy(data.y_test, pred, class_counts=data.class_counts)
+    with warnings.catch_warnings():  # an empty group (CIFAR-10-LT's few) is NaN, shown "–"
+        warnings.simplefilter("ignore", EmptyGroupWarning)
+        scores = group_accuracy(data.y_test, pred, class_counts=data.class_counts)
     if hardest is not None:
         scores["hardest"] = float(np.mean([np.mean(pred[data.y_test == c] == c)
                                            for c in hardest]))
@@ -115,12 +147,15 @@ def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[st
         rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
         cells = []
         for key in GROUPS:
-            values = 100 * np.array([r[key] for r in rows])
-            cells.append(f"{values.mean():.1f} ± {values.std():.1f}")
+            values = 100 * np.array([r[key] for r in rows], dtype=float)
+            cells.append("–" if np.isnan(values).all() else
+                         f"{values.mean():.1f} ± {values.std():.1f}")
         experts = f"{np.mean([r['experts'] for r in rows]):.2f}"
         if "experts_many" in rows[0]:
-            experts += " (" + " / ".join(f"{np.mean([r[f'experts_{g}'] for r in rows]):.2f}"
-                                         for g in ("many", "medium", "few")) + ")"
+            per_group = [np.mean([r[f"experts_{g}"] for r in rows])
+                         for g in ("many", "medium", "few")]
+            experts += " (" + " / ".join("–" if np.isnan(v) else f"{v:.2f}"
+                                         for v in per_group) + ")"
         compute = np.mean([r["relative_compute"] for r in rows])
         fit = np.array([r["fit_s"] for r in rows])
         lines.append(f"| {method} | {' | '.join(cells)} | {experts} | {compute:.2f} | "
@@ -159,6 +194,19 @@ def _plot(runs: list[dict], methods: list[str], datasets: list[str], path: Path)
     plt.close(fig)
 
 
+def load(dataset: str, seed: int, args: argparse.Namespace):
+    """The long-tailed split of ``dataset`` for ``seed``, with ``settings``: the data
+    handling every method gets on it (``DATA_SETTINGS``, ``--backbone``)."""
+    if dataset == "cifar10":
+        data = load_cifar_lt(args.cifar_root, n_classes=10, imbalance_ratio=100)
+    else:
+        data = DATASETS[dataset][1](random_state=seed)
+    data.settings = dict(DATA_SETTINGS.get(dataset, {}))
+    if args.backbone:
+        data.settings["backbone"] = args.backbone
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS),
@@ -166,32 +214,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="main")
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                         help="override the suite's methods")
+    parser.add_argument("--cifar-root", help="image folder of CIFAR-10 (root/{train,test}/"
+                        "<class>/), for --datasets cifar10")
+    parser.add_argument("--backbone", help="override the backbone of every data set")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--recipe", choices=["own", "shared"], default="own",
+                        help="own: each method's registered configuration; shared: every "
+                        "method under the data set's shared recipe (benchmarks/_recipes.py)")
     parser.add_argument("--name", help="fragment name under benchmarks/results/ "
-                        "(default: the suite's)")
+                        "(default: the suite's, + '_shared' with --recipe shared)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, all cores)")
     args = parser.parse_args(argv)
     name, methods, title_text = SUITES[args.suite]
     args.methods = args.methods or methods
-    args.name = args.name or name
+    args.name = args.name or (f"{name}_shared" if args.recipe == "shared" else name)
+    if args.recipe == "shared":
+        title_text += ", one shared recipe"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if "cifar10" in args.datasets and not args.cifar_root:
+        parser.error("--datasets cifar10 needs --cifar-root")
 
     runs = []
     for dataset in args.datasets:
-        title, loader = DATASETS[dataset]
+        title = DATASETS[dataset][0]
         for seed in args.seeds:
-            data = loader(random_state=seed)
+            data = load(dataset, seed, args)
             hardest = hardest_classes(data, epochs=args.epochs, seed=seed)
             print(f"{title:10s} seed {seed} hardest third (CE validation error): "
                   f"{hardest.tolist()}", flush=True)
+            recipe = recipe_for(dataset) if args.recipe == "shared" else None
             for method in args.methods:
                 result = run_one(method, data, epochs=args.epochs, seed=seed,
-                                 hardest=hardest)
-                runs.append({"dataset": dataset, "method": method, "seed": seed, **result})
+                                 hardest=hardest, recipe=recipe)
+                runs.append({"dataset": dataset, "method": method, "seed": seed,
+                             "recipe": recipe.name if recipe else "own", **result})
                 print(f"{title:10s} seed {seed} {method:22s} "
                       + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
                       + f" fit {result['fit_s']:6.1f}s", flush=True)
@@ -204,9 +264,20 @@ def main(argv: list[str] | None = None) -> int:
 
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header(title_text, argv_used)
-    text += (f"Seeds {args.seeds} (data split and fit), {args.epochs} epochs, each method's "
-             "registered configuration (`ltroute/_registry.py`: the estimators' defaults, "
-             "DRW at 80 % of the epochs for LDAM-DRW; ablations change one parameter). "
+    if args.recipe == "shared":
+        recipes = "; ".join(f"{DATASETS[d][0]}: `{recipe_for(d).name}`, "
+                            f"{recipe_for(d).describe(args.epochs)}" for d in args.datasets)
+        configuration = (
+            "every method under its data set's shared recipe (`benchmarks/_recipes.py`, "
+            "chosen on a validation split by `benchmarks/recipe_search.py`; the same "
+            "optimiser, schedule, head, backbone, epochs and no augmentation for all, the "
+            f"methods' own losses, DRW epoch and routing) — {recipes}. ")
+    else:
+        configuration = ("each method's registered configuration (`ltroute/_registry.py`: "
+                         "the estimators' defaults, DRW at 80 % of the epochs for LDAM-DRW; "
+                         "ablations change one parameter). ")
+    text += (f"Seeds {args.seeds} (data split and fit), {args.epochs} epochs, "
+             + configuration +
              "Accuracy in % on the balanced test split, mean ± std over seeds; groups by "
              "training count: many > 100, medium 20-100, few < 20; *hardest third*: mean "
              "test accuracy of the third of the classes with the highest per-class error "

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from ltroute.nn import ExpertNet, NormedLinear, resolve_backbone
+from ltroute.nn import ConvNetBranch, ExpertNet, NormedLinear, resolve_backbone
 
 
 def n_params(module):
@@ -98,3 +98,19 @@ def test_resolve_backbone_and_errors():
         ExpertNet(input_shape=(8,), n_classes=2, backbone="convnet")
     with pytest.raises(ValueError, match="not supported"):
         ExpertNet(input_shape=(8,), n_classes=2, backbone="vit")
+
+
+@pytest.mark.parametrize("pool_size", [1, 3])
+def test_convnet_branch_pools_to_a_pool_size_map_before_its_hidden_layer(pool_size):
+    torch.manual_seed(0)
+    branch = ConvNetBranch(in_channels=4, width=5, hidden=7, pool_size=pool_size).eval()
+    x = torch.randn(2, 4, 7, 7)
+    feature_map = branch.block(x)  # (2, 5, 7, 7)
+    # Average pooling by hand: 7 = 3 bins of rows [0, 3), [2, 5), [4, 7) (adaptive bins).
+    bins = [(0, 7)] if pool_size == 1 else [(0, 3), (2, 5), (4, 7)]
+    pooled = torch.stack([torch.stack([feature_map[:, :, r0:r1, c0:c1].mean((2, 3))
+                                       for c0, c1 in bins], -1) for r0, r1 in bins], -2)
+    assert_close(branch(x), branch.fc(pooled.flatten(1)))
+    assert branch.out_features == 7
+    assert ConvNetBranch(in_channels=4, width=5, hidden=0, pool_size=pool_size)(x).shape == (
+        2, 5 * pool_size ** 2)

@@ -1,0 +1,84 @@
+"""The shared-recipe tools of the benchmarks: recipes imposed on every estimator, the
+validation split they are chosen on, and the search's choice."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
+from ltroute.schedules import StepWarmupSchedule
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
+from accuracy import validation_split  # noqa: E402
+from recipe_search import table  # noqa: E402
+
+
+def _data(n=240, n_features=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 1, 2], [150, 60, 30])
+    X = (rng.normal(size=(n, n_features)) + y[:, None]).astype(np.float32)
+    return X, y
+
+
+@pytest.mark.parametrize("cls", [LongTailClassifier, RIDEClassifier, DQRouteClassifier])
+@pytest.mark.parametrize("name", ["sgd", "adamw-cosine"])
+def test_recipe_replaces_each_estimators_optimiser_schedule_and_head(cls, name):
+    recipe = CANDIDATES[name]
+    epochs = 10
+    kwargs = {"router": False} if cls is RIDEClassifier else {}
+    clf = cls(max_epochs=epochs, random_state=0, batch_size=64, **kwargs)
+    clf.set_params(**recipe.params(epochs)).fit(*_data())
+    assert type(clf.optimizer_) is recipe.optimizer
+    for key, value in recipe.optimizer_params.items():
+        assert clf.optimizer_.param_groups[0][key] == value
+    # The learning rate of every epoch follows the recipe's schedule, not the estimator's.
+    schedule = StepWarmupSchedule(epochs, warmup_epochs=recipe.warmup(epochs),
+                                  gamma=recipe.lr_decay)
+    expected = [recipe.lr * schedule(e) for e in range(epochs)]
+    np.testing.assert_allclose(clf.history[:, "event_lr"], expected, rtol=1e-12)
+    if recipe.cosine_head is not None:
+        assert clf.get_params()["cosine_head"] is recipe.cosine_head
+        heads = [m for m in clf.module_.modules() if type(m).__name__ == "NormedLinear"]
+        assert heads, "a cosine recipe must build cosine heads"
+
+
+def test_warmup_keeps_its_epochs_in_short_runs_and_never_exceeds_the_run():
+    recipe = Recipe("r", torch.optim.SGD, 0.1, warmup_epochs=5)
+    assert recipe.warmup(200) == recipe.warmup(30) == 5
+    assert recipe.warmup(3) == 3
+    assert Recipe("r", torch.optim.SGD, 0.1).warmup(30) == 0
+    assert "5 warm-up epoch(s)" in recipe.describe(30)
+
+
+def test_every_shared_recipe_is_a_candidate():
+    for dataset in SHARED:
+        assert recipe_for(dataset) is CANDIDATES[SHARED[dataset]]
+    with pytest.raises(ValueError, match="No shared recipe for 'nope'"):
+        recipe_for("nope")
+
+
+def test_validation_split_is_stratified_seeded_and_keeps_singletons_for_training():
+    y = np.repeat(["a", "b", "c", "d"], [100, 20, 6, 1])
+    val = validation_split(y, seed=3)
+    assert val.dtype == bool and val.shape == y.shape
+    counts = {c: int(val[y == c].sum()) for c in "abcd"}
+    assert counts == {"a": 20, "b": 4, "c": 1, "d": 0}
+    np.testing.assert_array_equal(val, validation_split(y, seed=3))
+    assert not np.array_equal(val, validation_split(y, seed=4))
+
+
+def test_search_table_marks_the_best_mean_over_methods_not_one_methods_best():
+    # "a" is best for m1 alone; "b" has the best mean over the two methods.
+    scores = {("m1", "a"): 0.90, ("m2", "a"): 0.50, ("m1", "b"): 0.80, ("m2", "b"): 0.70,
+              ("m1", "own"): 0.10, ("m2", "own"): 0.99}
+    runs = [{"dataset": "letter", "method": m, "recipe": r, "val_balanced_acc": v}
+            for (m, r), v in scores.items()]
+    lines = table(runs, "letter", ["m1", "m2"], ["own", "a", "b"])
+    assert lines[-1] == "Shared recipe chosen for letter-LT: **`b`**."  # "own" never chosen
+    assert "**90.0 ± 0.0**" in lines[2] and "**70.0 ± 0.0**" in lines[3]
