@@ -43,7 +43,12 @@ DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
     # Without the fused loss only an OOD loss trains the energies.
     "dqroute-no-fuse": {"lambda_fuse": 0.0, "ood_loss": "logistic"},
     "dqroute-hard": {"routing": "hard"},
+    # One expert over every class: no regions and no routing (the logit-adjusted
+    # network DQRoute starts from), to measure what the region experts add.
+    "dqroute-one-expert": {"n_experts": 1},
     "dqroute-disjoint": {"region_overlap": "none"},
+    # Linear heads also on images (the default, cosine_head="auto", uses cosine ones).
+    "dqroute-linear-head": {"cosine_head": False},
     # The defaults of the specification (docs/dqroute.md, section 6.3), before the design
     # changes documented in DQRouteClassifier's Notes.
     "dqroute-spec": {"use_difficulty": True, "region_overlap": "none", "cosine_head": True,
