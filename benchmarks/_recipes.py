@@ -117,7 +117,7 @@ CANDIDATES: dict[str, Recipe] = {
 #: validation balanced accuracy over the methods; see ``results/recipe_search_*.md``).
 SHARED: dict[str, str] = {
     "letter": "adamw",
-    "mnist": "sgd",
+    "mnist": "adamw",
     "digits": "adamw",
     # Not searched (a search costs hours of this CPU): the recipe every CIFAR-LT paper
     # compared here trains with (Cao et al. 2019; Menon et al. 2021; RIDE), crop + flip.
