@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         configuration = (
             "every method under its data set's shared recipe (`benchmarks/_recipes.py`, "
             "chosen on a validation split by `benchmarks/recipe_search.py`; the same "
-            "optimiser, schedule, head, backbone, epochs and no augmentation for all, the "
-            f"methods' own losses, DRW epoch and routing) — {recipes}. ")
+            "optimiser, learning-rate schedule, backbone, epochs and data handling for all, "
+            "heads as the recipe states; the methods' own losses, DRW epoch and routing) — "
+            f"{recipes}. ")
     else:
         configuration = ("each method's registered configuration (`ltroute/_registry.py`: "
                          "the estimators' defaults, DRW at 80 % of the epochs for LDAM-DRW; "
