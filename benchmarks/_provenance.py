@@ -8,6 +8,7 @@ calls :func:`write_results_index`, which concatenates the fragments in a fixed o
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import os
 import platform
@@ -95,6 +96,18 @@ def write_fragment(name: str, text: str) -> Path:
     path = RESULTS_DIR / f"{name}.md"
     path.write_text(text.rstrip() + "\n", encoding="utf-8")
     write_results_index()
+    return path
+
+
+def write_runs_csv(name: str, runs: list[dict]) -> Path:
+    """Write ``runs`` (one dict per fit) to ``results/<name>.csv``; the columns are every
+    key in first-seen order."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
+        writer.writeheader()
+        writer.writerows(runs)
     return path
 
 

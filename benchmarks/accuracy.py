@@ -26,7 +26,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 import warnings
@@ -37,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
+from _provenance import RESULTS_DIR, provenance_header, write_fragment, write_runs_csv  # noqa: E402
 from _recipes import Recipe, recipe_for  # noqa: E402
 
 from ltroute._registry import (  # noqa: E402
@@ -80,14 +79,18 @@ SUITES = {
 }
 
 
-def validation_split(y: np.ndarray, *, seed: int) -> np.ndarray:
-    """Boolean mask of a stratified 20 % validation part of the training labels ``y``
-    (20 % of each class, rounded; none of a 1-sample class), seeded by ``seed``."""
+def validation_split(y: np.ndarray, *, seed: int, fraction: float = 0.2) -> np.ndarray:
+    """Boolean mask of a stratified validation part of the training labels ``y``:
+    ``fraction`` of each class, rounded, at least one sample of a class with two or more
+    and none of a 1-sample class; seeded by ``seed``."""
     rng = np.random.default_rng(seed)
     val = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
-        val[members[:int(round(0.2 * len(members)))]] = True
+        n_val = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            n_val = max(n_val, 1)
+        val[members[:n_val]] = True
     return val
 
 
@@ -256,11 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
                       + f" fit {result['fit_s']:6.1f}s", flush=True)
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    with open(RESULTS_DIR / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
-        writer.writeheader()
-        writer.writerows(runs)
+    write_runs_csv(args.name, runs)
 
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header(title_text, argv_used)

@@ -33,7 +33,6 @@ Writes ``benchmarks/results/<name>.md`` (+ ``.csv``) and refreshes RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,8 @@ from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
+from _provenance import provenance_header, write_fragment, write_runs_csv  # noqa: E402
+from accuracy import validation_split  # noqa: E402
 
 from ltroute._registry import make_estimator  # noqa: E402
 from ltroute.dqroute import DQRouteClassifier, partition_classes  # noqa: E402
@@ -72,20 +72,6 @@ CONFIGS: dict[str, dict] = {
 BASELINES = ("logit-adjusted", "ride", "ride-no-router", "ce")
 DELTAS = (-0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 GROUPS = ("overall", "many", "medium", "few")
-
-
-def validation_split(y: np.ndarray, seed: int, fraction: float = 0.2) -> np.ndarray:
-    """Boolean mask of a stratified ``fraction`` of every class (at least one sample of
-    a class with two or more), seeded."""
-    rng = np.random.default_rng(seed)
-    val = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        members = rng.permutation(np.flatnonzero(y == c))
-        n_val = int(round(fraction * len(members)))
-        if len(members) >= 2:
-            n_val = max(n_val, 1)
-        val[members[:n_val]] = True
-    return val
 
 
 def group_recalls(y: np.ndarray, pred: np.ndarray, groups: dict[str, np.ndarray],
@@ -153,7 +139,7 @@ def validation_folds(y: np.ndarray, seed: int, n_folds: int) -> list[np.ndarray]
     """Validation masks: one stratified 20 % split (``n_folds=0``), or the folds of a
     seeded stratified ``n_folds``-fold cross-validation of the training split."""
     if n_folds == 0:
-        return [validation_split(y, seed)]
+        return [validation_split(y, seed=seed)]
     splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
     masks = []
     for _, val_index in splitter.split(np.zeros(len(y)), y):
@@ -237,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 + " | best delta " + max(DELTAS, key=lambda d: row[
                     "overall" if d == 0 else f"d{d:+.2f}_overall"]).__format__("+.2f")
                 + f" | fit {row['fit_s']:.0f}s", flush=True)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    with open(RESULTS_DIR / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in runs for k in r)))
-        writer.writeheader()
-        writer.writerows(runs)
+    write_runs_csv(args.name, runs)
     write_fragment(args.name, header + table(runs, args))
     return 0
 

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import RESULTS_DIR, provenance_header, write_fragment  # noqa: E402
+from _provenance import provenance_header, write_fragment, write_runs_csv  # noqa: E402
 from _recipes import CANDIDATES  # noqa: E402
 from accuracy import DATASETS, validation_split  # noqa: E402
 
@@ -112,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{title:10s} seed {seed} {method:18s} {recipe:13s} "
                           f"val {100 * score:5.1f} ({runs[-1]['fit_s']:.1f}s)", flush=True)
 
-    RESULTS_DIR.mkdir(exist_ok=True)
-    with open(RESULTS_DIR / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(runs[0]))
-        writer.writeheader()
-        writer.writerows(runs)
+    write_runs_csv(name, runs)
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header("Shared recipe search (validation split)", argv_used)
     text += (f"Seeds {args.seeds}, {args.epochs} epochs. Each method fitted on 80 % of the "

@@ -64,11 +64,11 @@ def test_every_shared_recipe_is_a_candidate():
 
 
 def test_validation_split_is_stratified_seeded_and_keeps_singletons_for_training():
-    y = np.repeat(["a", "b", "c", "d"], [100, 20, 6, 1])
+    y = np.repeat(["a", "b", "c", "d", "e"], [100, 20, 6, 1, 2])
     val = validation_split(y, seed=3)
     assert val.dtype == bool and val.shape == y.shape
-    counts = {c: int(val[y == c].sum()) for c in "abcd"}
-    assert counts == {"a": 20, "b": 4, "c": 1, "d": 0}
+    counts = {c: int(val[y == c].sum()) for c in "abcde"}
+    assert counts == {"a": 20, "b": 4, "c": 1, "d": 0, "e": 1}
     np.testing.assert_array_equal(val, validation_split(y, seed=3))
     assert not np.array_equal(val, validation_split(y, seed=4))
 
