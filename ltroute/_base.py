@@ -64,7 +64,12 @@ from ltroute._validation import (
 )
 from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
 from ltroute.calibration import apply_temperature, as_log_proba, encode_labels, fit_under_prior
-from ltroute.callbacks import BatchNormRecalibration, ConvergenceCheck, QuietPrintLog
+from ltroute.callbacks import (
+    FOLD_BATCHES_KEY,
+    BatchNormRecalibration,
+    ConvergenceCheck,
+    QuietPrintLog,
+)
 from ltroute.fusion import FusionResult, fuse_experts
 from ltroute.losses import LogProbNLLLoss, effective_number_weights
 from ltroute.nn import BACKBONES, ExpertNet
@@ -283,7 +288,10 @@ class LongTailNet(NeuralNetClassifier):
             if not continuing:
                 self.initialize()
             self._grad_scaler = self._make_grad_scaler()
-            NeuralNet.partial_fit(self, train_X, y_encoded, **fit_params)
+            try:
+                NeuralNet.partial_fit(self, train_X, y_encoded, **fit_params)
+            finally:  # batches the recalibration kept for a check that did not run
+                self.__dict__.pop(FOLD_BATCHES_KEY, None)
             self._after_training(X, y_encoded)
         return self
 

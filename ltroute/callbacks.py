@@ -13,7 +13,7 @@ from skorch.dataset import Dataset as SkorchDataset
 from skorch.dataset import get_len, unpack_data
 from torch.utils.data import Subset
 
-from ltroute._inputs import TrainingDataset
+from ltroute._inputs import TrainingDataset, array_batches
 from ltroute._validation import split_sample_weight
 from ltroute.losses import (
     class_difficulty,
@@ -358,12 +358,15 @@ class BatchNormRecalibration(Callback):
                 or not any(_initial_weight(m) > self.threshold for m in layers)):
             return
         with _rng_untouched(net):
-            self._recalibrate(net, dataset, layers)
+            self._recalibrate(net, dataset, layers, keep=_keeps_fold_batches(net, dataset))
 
     @staticmethod
-    def _recalibrate(net, dataset, layers) -> None:
+    def _recalibrate(net, dataset, layers, keep: bool = False) -> None:
+        """One pass of the training fold; with ``keep``, its loaded batches are left in
+        ``net`` for the convergence check's pass (up to :data:`FOLD_BATCHES_BYTES`)."""
         saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
         was_training = net.module_.training
+        kept, size = ([] if keep else None), 0
         try:
             for m in layers:
                 m.reset_running_stats()
@@ -374,6 +377,14 @@ class BatchNormRecalibration(Callback):
                     Xi = unpack_data(batch)[0]
                     if get_len(Xi) > 1:  # BatchNorm1d cannot normalise a single sample
                         net.infer(Xi)
+                    if kept is not None:
+                        size += sum(t.nbytes for t in _tensors(batch))
+                        if size <= FOLD_BATCHES_BYTES:
+                            kept.append(batch)
+                        else:
+                            kept = None
+            if kept is not None:
+                net.__dict__[FOLD_BATCHES_KEY] = (dataset, kept)
         finally:
             for m, (momentum, tracked) in zip(layers, saved, strict=True):
                 m.momentum = momentum
@@ -403,7 +414,9 @@ class ConvergenceCheck(Callback):
     fold's labels are known without loading an item (arrays, the datasets ``fit`` makes,
     a validation split of them): the accuracy can then no longer fall below the majority
     share, so the outcome is the one of the whole pass; a trained model usually gets
-    there within the first part of the fold. Part of every
+    there within the first part of the fold. After a BatchNorm recalibration (short
+    fits) of a fold loaded item by item, the check reuses that pass's batches (up to
+    :data:`FOLD_BATCHES_BYTES`) instead of loading every item again. Part of every
     ltroute estimator's default callbacks (named ``"convergence_check"``; switch it off
     with ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
     """
@@ -428,8 +441,13 @@ class ConvergenceCheck(Callback):
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
+        kept = net.__dict__.pop(FOLD_BATCHES_KEY, None)
         if self.diverged_ or dataset is None:
             return
+        # The BatchNorm recalibration's pass just loaded this fold (and kept it): the
+        # same batches, in order, without decoding every image again.
+        batches = (kept[1] if kept is not None and kept[0] is dataset else
+                   _training_fold_iterator(net, dataset, inference_only=True))
         # Enough correct predictions to reach the majority count: the accuracy over the
         # whole fold cannot fall below the majority share any more, so the rest of the
         # pass cannot change the outcome. Not with Accelerate: its loaders keep their
@@ -437,7 +455,7 @@ class ConvergenceCheck(Callback):
         enough = None if hasattr(net, "accelerator") else _majority_count(dataset)
         correct, counts = 0, None
         with torch.no_grad(), _rng_untouched(net):
-            for batch in _training_fold_iterator(net, dataset, inference_only=True):
+            for batch in batches:
                 probs = net.evaluation_step(batch, training=False)[0]
                 target = torch.as_tensor(unpack_data(batch)[1], device=probs.device).long()
                 if hasattr(net, "accelerator"):
@@ -499,6 +517,35 @@ def _training_fold_iterator(net, dataset, inference_only: bool = False):
     if method is None:
         return net.get_iterator(dataset, training=False)
     return method(dataset, inference_only=inference_only)
+
+
+#: Most bytes of loaded training-fold batches that the BatchNorm recalibration keeps for
+#: the convergence check's pass right after it (in ``net.__dict__[FOLD_BATCHES_KEY]``;
+#: the check, or else ``fit``, removes them). Recalibration runs after fewer than 44
+#: steps, so a fold it passes over is small; above this it is loaded twice.
+FOLD_BATCHES_BYTES = 64 * 2**20
+FOLD_BATCHES_KEY = "_recalibration_batches"
+
+
+def _keeps_fold_batches(net, dataset) -> bool:
+    """Whether the recalibration's batches are worth keeping: a convergence check runs
+    after it, the fold is loaded item by item (arrays are sliced, not loaded; the
+    check takes them in larger batches), and not with Accelerate (its loaders track
+    their iteration for ``gather_for_metrics``)."""
+    return (not hasattr(net, "accelerator") and array_batches(dataset) is None
+            and any(isinstance(cb, ConvergenceCheck) for _, cb in net.callbacks_))
+
+
+def _tensors(batch):
+    """The tensors of a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            yield from _tensors(value)
 
 
 def _rng_untouched(net):

@@ -1,16 +1,20 @@
 """Map-style datasets as inputs of fit / predict / predict_proba / score / route /
 energies (ltroute._inputs), on tiny Pillow image folders the tests write."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from skorch.helper import SliceDataset
 from torch.testing import assert_close
 from torch.utils.data import Dataset, Subset
 
 from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
+from ltroute.callbacks import FOLD_BATCHES_BYTES, FOLD_BATCHES_KEY
 from ltroute.datasets import ImageFolder
 
 COUNTS = {"cat": 12, "dog": 6, "emu": 3}
@@ -95,6 +99,31 @@ def test_dataset_fit_matches_the_array_fit(folder, cls):
         np.testing.assert_array_equal(from_dataset.route(folder), from_arrays.route(X))
     if hasattr(from_dataset, "energies"):
         assert_close(from_dataset.energies(folder), from_arrays.energies(X))
+
+
+@pytest.mark.parametrize("params", [{}, {"max_epochs": 1, "lr": 1e-6}])
+def test_convergence_check_judges_the_batches_the_recalibration_loaded(folder, monkeypatch,
+                                                                      params):
+    """After a short fit (BatchNorm recalibration) the convergence check reuses the
+    recalibration's batches: no image is loaded again, and the verdict and the fitted
+    model are those of a check that loads its own (kept batches switched off)."""
+    runs = []
+    for cap in (FOLD_BATCHES_BYTES, 0):
+        monkeypatch.setattr("ltroute.callbacks.FOLD_BATCHES_BYTES", cap)
+        data = Counting(folder, with_targets=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = small(**params).fit(data)
+        assert FOLD_BATCHES_KEY not in clf.__dict__  # nothing kept after fit
+        runs.append((data.loads, [str(w.message) for w in caught
+                                  if issubclass(w.category, ConvergenceWarning)], clf))
+    (loads, warned, kept), (reloads, warned_again, reloaded) = runs
+    epochs = kept.max_epochs
+    assert 3 * epochs < 44  # 3 batches an epoch: the recalibration runs
+    assert loads == 1 + epochs * len(folder) + len(folder)  # shape, epochs, recalibration
+    assert loads < reloads <= loads + len(folder)  # the check's own pass
+    assert warned == warned_again
+    assert_close(kept.predict_proba(folder), reloaded.predict_proba(folder))
 
 
 def test_the_images_are_learned(folder):

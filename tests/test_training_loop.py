@@ -13,6 +13,7 @@ from skorch.callbacks import Callback, EpochTimer, PrintLog
 from torch.testing import assert_close
 
 from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute._inputs import ArrayBatches, ArrayBatchIterator, batch_loader
 from ltroute.callbacks import ConvergenceCheck
 from ltroute.losses import (
     balanced_softmax_loss,
@@ -146,14 +147,15 @@ def test_passes_over_the_training_fold_load_like_training(small_letter):
     assert len(X) >= 4 * 2 * clf.batch_size  # at least 4 batches per worker
     few = clf._training_fold_iterator(clf.get_dataset(X[:1000].astype(np.float32),
                                                       np.zeros(1000, dtype=np.int64)))
-    assert (few.num_workers, few.timeout) == (0, 0)  # faster than starting workers
+    assert isinstance(few, ArrayBatchIterator)  # in the main process: faster than workers
     first = next(iter(loader))[0]  # in order: which batches is not the training's business
     assert_close(first, torch.as_tensor(X[:clf.batch_size], dtype=torch.float32))
-    assert clf.get_iterator(dataset, training=False).num_workers == 0  # predict: unchanged
+    assert isinstance(clf.get_iterator(dataset, training=False),  # predict: unchanged
+                      ArrayBatchIterator)
     assert "_training_fold" not in clf.__dict__
     # iterator_valid__* is the user's word on inference loading
     clf = LongTailClassifier(iterator_valid__num_workers=0, **params)
-    assert clf._training_fold_iterator(dataset).num_workers == 0
+    assert isinstance(clf._training_fold_iterator(dataset), ArrayBatchIterator)
 
 
 def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter):
@@ -171,12 +173,49 @@ def test_inference_passes_take_larger_batches_with_the_same_outputs(small_letter
     for shape in [(3, 32, 32), (3, 224, 224)]:  # 64 KiB: 5 CIFAR images, batch_size
         images.input_shape_ = shape
         loader = images._training_fold_iterator(dataset, inference_only=True)
-        assert loader.sampler.batch_size == 32
+        assert loader.batch_size == 32
     # with workers, batch_size rows: each worker loads its own batches
     workers = RIDEClassifier(iterator_train__num_workers=2)
     workers.input_shape_ = clf.input_shape_
     loader = workers._training_fold_iterator(dataset, inference_only=True)
     assert (loader.num_workers, loader.sampler.batch_size) == (2, 128)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_array_batches_without_the_dataloader_are_the_dataloaders(shuffle, drop_last):
+    """In-memory batches taken without a DataLoader: the same batches, and the same
+    draws from the global RNG, as the DataLoader over the same batch sampler."""
+    rng = np.random.default_rng(0)
+    dataset = ArrayBatches(rng.normal(size=(1001, 5)).astype(np.float32),
+                           rng.integers(0, 7, size=1001))
+    draws = []
+    for kwargs in [{}, {"pin_memory_device": "cpu"}]:  # the second keeps the DataLoader
+        loader = batch_loader(torch.utils.data.DataLoader, dataset, 128, shuffle,
+                              drop_last, num_workers=0, **kwargs)
+        assert isinstance(loader, ArrayBatchIterator) == (not kwargs)
+        torch.manual_seed(3)
+        batches = [batch for _ in range(2) for batch in loader]  # two epochs
+        assert len(batches) == 2 * len(loader) == 2 * (7 if drop_last else 8)
+        draws.append((batches, torch.rand(3)))
+    (fast, after_fast), (slow, after_slow) = draws
+    for (X_fast, y_fast), (X_slow, y_slow) in zip(fast, slow, strict=True):
+        assert_close(X_fast, X_slow)
+        assert_close(y_fast, y_slow)
+    assert_close(after_fast, after_slow)
+
+
+def test_fit_on_arrays_equals_fit_through_skorchs_per_row_loading(small_letter):
+    """The batch-sliced arrays train the same network as skorch's own loading (one row
+    per ``__getitem__``, collated; forced by a ``collate_fn``)."""
+    X, y = small_letter[:2]
+    collate = torch.utils.data.default_collate
+    sliced = fitted(LongTailClassifier, small_letter)
+    per_row = fitted(LongTailClassifier, small_letter, iterator_train__collate_fn=collate,
+                     iterator_valid__collate_fn=collate)
+    for a, b in zip(sliced.module_.parameters(), per_row.module_.parameters(), strict=True):
+        assert_close(a, b)
+    assert_close(sliced.predict_proba(X), per_row.predict_proba(X))
 
 
 class _CountingHooks(Callback):
