@@ -111,6 +111,28 @@ def write_runs_csv(name: str, runs: list[dict]) -> Path:
     return path
 
 
+def read_runs_csv(name: str) -> list[dict]:
+    """The runs of ``results/<name>.csv`` (as :func:`write_runs_csv` wrote them): integers
+    and floats as numbers (empty cells NaN), every other cell as text; ``[]`` when there
+    is none."""
+    path = RESULTS_DIR / f"{name}.csv"
+    if not path.exists():
+        return []
+
+    def value(text: str):
+        if text == "":
+            return float("nan")
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="") as f:
+        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+
+
 def write_results_index() -> Path:
     """Concatenate every fragment of ``results/`` into ``RESULTS.md``."""
     fragments = sorted(RESULTS_DIR.glob("*.md"),

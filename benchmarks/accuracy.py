@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -36,7 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import RESULTS_DIR, provenance_header, write_fragment, write_runs_csv  # noqa: E402
+from _provenance import (  # noqa: E402
+    RESULTS_DIR,
+    provenance_header,
+    read_runs_csv,
+    write_fragment,
+    write_runs_csv,
+)
 from _recipes import Recipe, recipe_for  # noqa: E402
 
 from ltroute._registry import (  # noqa: E402
@@ -131,21 +138,28 @@ def run_one(method: str, data, *, epochs: int, seed: int,
     experts = getattr(clf, "expert_usage_", None)  # set by predict (RIDE only)
     if experts is None:
         experts = clf.module_.n_experts
+    compute = getattr(clf, "relative_macs_", 1.0)  # before the router is switched off
     per_group = {}
     if isinstance(clf, RIDEClassifier):  # experts per test sample in each shot group
         used = clf.route(data.X_test)
         for group, members in shot_groups(data.class_counts).items():
             mask = np.isin(data.y_test, members)
             per_group[f"experts_{group}"] = float(used[mask].mean()) if mask.any() else np.nan
-    compute = getattr(clf, "relative_macs_", 1.0)
+        # The same fit with every expert (the router switched off after fit).
+        clf.set_params(router=False)  # (ride-no-router: the same predictions again)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyGroupWarning)
+            per_group["overall_all_experts"] = group_accuracy(
+                data.y_test, clf.predict(data.X_test),
+                class_counts=data.class_counts)["overall"]
     return {**scores, "experts": float(experts), **per_group,
             "relative_compute": float(compute), "fit_s": fit_seconds}
 
 
 def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[str]:
     lines = ["| method | overall | many | medium | few | hardest third | experts / sample "
-             "(many / medium / few) | rel. compute | fit (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(many / medium / few) | overall, all experts | rel. compute | fit (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         rows = [r for r in runs if r["dataset"] == dataset and r["method"] == method]
         cells = []
@@ -154,15 +168,18 @@ def _summary_rows(runs: list[dict], methods: list[str], dataset: str) -> list[st
             cells.append("–" if np.isnan(values).all() else
                          f"{values.mean():.1f} ± {values.std():.1f}")
         experts = f"{np.mean([r['experts'] for r in rows]):.2f}"
-        if "experts_many" in rows[0]:
+        if not np.isnan(float(rows[0].get("experts_many", np.nan))):
             per_group = [np.mean([r[f"experts_{g}"] for r in rows])
                          for g in ("many", "medium", "few")]
             experts += " (" + " / ".join("–" if np.isnan(v) else f"{v:.2f}"
                                          for v in per_group) + ")"
+        every = 100 * np.array([r.get("overall_all_experts", np.nan) for r in rows],
+                               dtype=float)
+        every = "–" if np.isnan(every).all() else f"{every.mean():.1f} ± {every.std():.1f}"
         compute = np.mean([r["relative_compute"] for r in rows])
         fit = np.array([r["fit_s"] for r in rows])
-        lines.append(f"| {method} | {' | '.join(cells)} | {experts} | {compute:.2f} | "
-                     f"{fit.mean():.1f} ± {fit.std():.1f} |")
+        lines.append(f"| {method} | {' | '.join(cells)} | {experts} | {every} | "
+                     f"{compute:.2f} | {fit.mean():.1f} ± {fit.std():.1f} |")
     return lines
 
 
@@ -227,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                         "method under the data set's shared recipe (benchmarks/_recipes.py)")
     parser.add_argument("--name", help="fragment name under benchmarks/results/ "
                         "(default: the suite's, + '_shared' with --recipe shared)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs already in the fragment's CSV (the same data set, "
+                        "method, seed and recipe) and fit only the missing ones; the CSV is "
+                        "rewritten after every fit")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, all cores)")
@@ -241,25 +262,40 @@ def main(argv: list[str] | None = None) -> int:
     if "cifar10" in args.datasets and not args.cifar_root:
         parser.error("--datasets cifar10 needs --cifar-root")
 
-    runs = []
+    runs = read_runs_csv(args.name) if args.resume else []
     for dataset in args.datasets:
         title = DATASETS[dataset][0]
         for seed in args.seeds:
+            recipe = recipe_for(dataset) if args.recipe == "shared" else None
+            recipe_name = recipe.name if recipe else "own"
+            done = {r["method"] for r in runs if r["dataset"] == dataset
+                    and r["seed"] == seed and r.get("recipe") == recipe_name
+                    and r.get("epochs") == args.epochs}
+            missing = [m for m in args.methods if m not in done]
+            if not missing:
+                continue
             data = load(dataset, seed, args)
-            hardest = hardest_classes(data, epochs=args.epochs, seed=seed)
+            known = [r["hardest_classes"] for r in runs if r["dataset"] == dataset
+                     and r["seed"] == seed and r.get("epochs") == args.epochs
+                     and isinstance(r.get("hardest_classes"), str)]
+            hardest = (np.array(json.loads(known[0])) if known else
+                       hardest_classes(data, epochs=args.epochs, seed=seed))
             print(f"{title:10s} seed {seed} hardest third (CE validation error): "
                   f"{hardest.tolist()}", flush=True)
-            recipe = recipe_for(dataset) if args.recipe == "shared" else None
-            for method in args.methods:
+            for method in missing:
                 result = run_one(method, data, epochs=args.epochs, seed=seed,
                                  hardest=hardest, recipe=recipe)
                 runs.append({"dataset": dataset, "method": method, "seed": seed,
-                             "recipe": recipe.name if recipe else "own", **result})
+                             "recipe": recipe_name, "epochs": args.epochs, **result,
+                             "hardest_classes": json.dumps(hardest.tolist())})
+                write_runs_csv(args.name, runs)  # after every fit: a killed run resumes
                 print(f"{title:10s} seed {seed} {method:22s} "
                       + " ".join(f"{k} {100 * result[k]:5.1f}" for k in GROUPS)
                       + f" fit {result['fit_s']:6.1f}s", flush=True)
-
-    write_runs_csv(args.name, runs)
+    wanted = {"own"} if args.recipe == "own" else {recipe_for(d).name for d in args.datasets}
+    runs = [r for r in runs if r["dataset"] in args.datasets and r["seed"] in args.seeds
+            and r["method"] in args.methods and r.get("epochs") == args.epochs
+            and r.get("recipe") in wanted]
 
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header(title_text, argv_used)

@@ -61,10 +61,12 @@ def table(runs: list[dict], dataset: str, methods: list[str], recipes: list[str]
 
     means = {(m, r): scores(m, r).mean() for m in methods for r in recipes}
     candidates = [r for r in recipes if r != "own"]
-    shared = max(candidates, key=lambda r: np.mean([means[m, r] for m in methods]))
+    # Without candidates (``--recipes own``) the table compares the methods only.
+    shared = (max(candidates, key=lambda r: np.mean([means[m, r] for m in methods]))
+              if candidates else None)
     lines = ["| method | " + " | ".join(recipes) + " |", "|---" * (len(recipes) + 1) + "|"]
     for method in methods:
-        best = max(candidates, key=lambda r: means[method, r])
+        best = max(candidates, key=lambda r: means[method, r]) if candidates else None
         cells = []
         for recipe in recipes:
             values = scores(method, recipe)
@@ -74,7 +76,8 @@ def table(runs: list[dict], dataset: str, methods: list[str], recipes: list[str]
     lines.append("| *mean over methods* | " + " | ".join(
         (f"**{np.mean([means[m, r] for m in methods]):.1f}**" if r == shared else
          f"{np.mean([means[m, r] for m in methods]):.1f}") for r in recipes) + " |")
-    lines += ["", f"Shared recipe chosen for {DATASETS[dataset][0]}: **`{shared}`**."]
+    if shared is not None:
+        lines += ["", f"Shared recipe chosen for {DATASETS[dataset][0]}: **`{shared}`**."]
     return lines
 
 

@@ -30,6 +30,8 @@ def _configured(cls: type[LongTailNet], **params: Any) -> Callable[..., LongTail
 #: Ablations: the default with one component switched off or replaced.
 RIDE_ABLATIONS: dict[str, dict[str, Any]] = {
     "ride-no-router": {"router": False},
+    # The official code's router targets (plain argmax, no margin).
+    "ride-official-router": {"router_margin": False},
     "ride-no-diversity": {"diversity_weight": 0.0},
     "ride-ce": {"loss": "ce"},
     "ride-no-drw": {"drw_epoch": None},
@@ -47,8 +49,8 @@ DQROUTE_ABLATIONS: dict[str, dict[str, Any]] = {
     # network DQRoute starts from), to measure what the region experts add.
     "dqroute-one-expert": {"n_experts": 1},
     "dqroute-disjoint": {"region_overlap": "none"},
-    # Linear heads also on images (the default, cosine_head="auto", uses cosine ones).
-    "dqroute-linear-head": {"cosine_head": False},
+    # Cosine heads (the default is linear ones; cosine heads bound the logits).
+    "dqroute-cosine-head": {"cosine_head": True},
     # The defaults of the specification (docs/dqroute.md, section 6.3), before the design
     # changes documented in DQRouteClassifier's Notes.
     "dqroute-spec": {"use_difficulty": True, "region_overlap": "none", "cosine_head": True,

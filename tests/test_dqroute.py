@@ -200,8 +200,8 @@ def test_joint_objective_is_the_sum_of_its_parts():
     torch.testing.assert_close(clf.get_loss(Z, y, training=True), expected)
 
 
-def test_auto_head_is_linear_on_feature_vectors(fitted):
-    assert fitted.cosine_head == "auto"
+def test_default_head_is_linear(fitted):
+    assert fitted.cosine_head is False
     assert all(isinstance(head, nn.Linear) for head in fitted.module_.heads)
 
 
@@ -415,8 +415,10 @@ def test_images_go_through_the_convnet_experts(mnist):
     clf = DQRouteClassifier(max_epochs=1, random_state=0).fit(mnist.X_train[idx],
                                                                mnist.y_train[idx])
     assert type(clf.module_.trunk).__name__ == "ConvNetTrunk"
-    # cosine_head="auto": cosine heads on images (linear ones on feature vectors)
-    assert all(type(head).__name__ == "NormedLinear" for head in clf.module_.heads)
+    assert all(isinstance(head, nn.Linear) for head in clf.module_.heads)  # the default
+    cosine = DQRouteClassifier(max_epochs=1, cosine_head=True, random_state=0).fit(
+        mnist.X_train[idx], mnist.y_train[idx])
+    assert all(type(head).__name__ == "NormedLinear" for head in cosine.module_.heads)
     assert clf.membership_.shape == (3, 4)
     assert clf.route(mnist.X_test[:8]).shape == (8, 3)
     proba = clf.predict_proba(mnist.X_test[:8])

@@ -369,7 +369,7 @@ def test_stage_two_loss_and_gradients_match_the_official_code(backbone):
     y = np.repeat(np.arange(12), 8)
     clf = RIDEClassifier(backbone=backbone, max_epochs=1, router_epochs=1, batch_size=32,
                          router_top_k=5, hidden_sizes=(32,), expert_hidden_sizes=(16,),
-                         device="cpu", random_state=0).fit(X, y)
+                         router_margin=False, device="cpu", random_state=0).fit(X, y)
     x, target = torch.as_tensor(X), torch.as_tensor(y)
     scores, targets = clf._router_batch(x, target)
     ours = router_loss(scores, targets, pos_weight=100.0)
