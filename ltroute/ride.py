@@ -340,8 +340,9 @@ class RIDEClassifier(LongTailNet):
     accuracy on letter-LT 80.5 %% with margins, 80.2 %% with the official targets, 77.4 %%
     with all experts; on MNIST-LT 92.9 %%, 92.9 %% and 93.3 %%
     (``benchmarks/results/router_margin_validation.md``); the registered configuration
-    ``"ride-official-router"`` keeps the official targets. ``expert_usage_`` and ``relative_macs_`` report
-    what the router does; ``router_threshold`` trades accuracy for compute after ``fit``.
+    ``"ride-official-router"`` keeps the official targets. ``expert_usage_`` and
+    ``relative_macs_`` report what the router does; ``router_threshold`` trades
+    accuracy for compute after ``fit``.
 
     References
     ----------

@@ -432,15 +432,16 @@ def test_dqroute_beats_cross_entropy_on_letter(letter):
 
     Measured with the defaults (30 epochs, AdamW 1e-3 with the step schedule, MLP
     256-256-128, 3 experts) over seeds 0, 1, 2 (data split and fit) with
-    ``python benchmarks/accuracy.py --threads 1`` on the 2-core CI machine kind: overall
-    accuracy CE 0.798 +- 0.007, DQRoute 0.844 +- 0.008 (gaps 0.044, 0.048, 0.047);
-    few-shot accuracy CE 0.586 +- 0.021, DQRoute 0.717 +- 0.025 (gaps 0.125, 0.137,
-    0.131). The test fits seed 0 and asks for about half the smallest gap.
+    ``python benchmarks/accuracy.py --datasets letter --threads 1`` on the 2-core CI
+    machine kind (``benchmarks/results/accuracy_letter.csv``): overall accuracy CE
+    0.797 +- 0.007, DQRoute 0.844 +- 0.009 (gaps 0.043, 0.047, 0.048); few-shot accuracy
+    CE 0.586 +- 0.020, DQRoute 0.715 +- 0.024 (gaps 0.124, 0.131, 0.130). The test fits
+    seed 0 and asks for about half the smallest gap.
 
     Difficult classes (the paper's claim; rare is not difficult): the hardest third of
     the classes, ranked by the per-class error of a CE model fitted on 80 % of the
     training split and scored on the other 20 % (the rule of ``benchmarks/accuracy.py``),
-    gained 0.123, 0.110, 0.103 with DQRoute over CE (seeds 0, 1, 2;
+    gained 0.106, 0.110, 0.110 with DQRoute over CE (seeds 0, 1, 2;
     ``benchmarks/results/accuracy_letter.md``); asserted: 0.05.
     """
     rng = np.random.default_rng(0)

@@ -497,18 +497,18 @@ def test_ride_beats_cross_entropy_on_letter_lt(letter):
     """RIDE (defaults, 30 epochs) against one cross-entropy expert (defaults) on letter-LT.
 
     Measured over seeds 0, 1, 2 (data split and fit; this test is seed 0) with
-    ``python benchmarks/accuracy.py --threads 1`` on the 2-core CI machine kind,
-    accuracy in %:
+    ``python benchmarks/accuracy.py --datasets letter --threads 1`` on the 2-core CI
+    machine kind (``benchmarks/results/accuracy_letter.csv``), accuracy in %:
 
     ========  ===================  ===================  ===============
     seed      RIDE overall / few   CE overall / few     difference
     ========  ===================  ===================  ===============
-    0         82.4 / 63.9          78.9 / 55.7          +3.5 / +8.2
-    1         83.9 / 71.3          79.9 / 60.0          +4.0 / +11.3
-    2         83.7 / 69.1          80.5 / 60.1          +3.2 / +9.0
+    0         82.6 / 64.7          78.9 / 55.7          +3.7 / +9.0
+    1         83.9 / 71.4          79.9 / 60.0          +4.0 / +11.4
+    2         83.6 / 69.0          80.5 / 60.1          +3.1 / +8.9
     ========  ===================  ===================  ===============
 
-    The asserted margins (+2 overall, +5 few-shot) keep 1.2 and 3.2 points of room
+    The asserted margins (+2 overall, +5 few-shot) keep 1.1 and 3.9 points of room
     below the smallest measured difference.
     """
     X, y, X_test, y_test = letter.X_train, letter.y_train, letter.X_test, letter.y_test
@@ -518,17 +518,16 @@ def test_ride_beats_cross_entropy_on_letter_lt(letter):
     ce_acc = group_accuracy(y_test, ce.predict(X_test), class_counts=letter.class_counts)
     assert ride_acc["overall"] >= ce_acc["overall"] + 0.02
     assert ride_acc["few"] >= ce_acc["few"] + 0.05
-    # Routing (the default): few experts per sample at little cost in accuracy.
-    # Measured (seeds 0, 1, 2; full letter-LT, 30 epochs, 2-core CPU): routed 82.13 /
-    # 83.02 / 83.65 % at 1.006 / 1.000 / 1.131 experts per sample, against 82.63 / 83.83 /
-    # 83.69 % with all three experts (largest cost 0.81 points). The asserted 1.2 points
-    # and 1.5 experts leave room for the seed; the router stops early because the
-    # experts fit the clean training set (see RIDEClassifier._fit_router).
+    # Routing (the default, router_margin=True): fewer experts at no cost in accuracy.
+    # Measured (same runs): routed 82.63 / 83.90 / 83.56 % at 1.58 / 1.56 / 1.66 experts
+    # per sample (0.73 / 0.72 / 0.74 of the MACs), equal to the same fits with all three
+    # experts on every seed. The issue's goal (within 0.3 points of all experts) is
+    # asserted, with 2 experts and 85 % of the MACs as bounds for the seed.
     all_experts = pickle.loads(pickle.dumps(ride)).set_params(router=False)
     full = group_accuracy(y_test, all_experts.predict(X_test),
                           class_counts=letter.class_counts)["overall"]
-    assert ride.route(X_test).mean() < 1.5
-    assert ride_acc["overall"] >= full - 0.012
+    assert ride.route(X_test).mean() < 2.0 and ride.relative_macs_ < 0.85
+    assert ride_acc["overall"] >= full - 0.003
 
 
 def test_router_trains_on_the_augmented_normalised_stream(monkeypatch):
