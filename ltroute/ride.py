@@ -237,7 +237,12 @@ class RIDEClassifier(LongTailNet):
         ``head_scale * m_y`` (``m_y`` as for ``loss="ldam"``, from ``ldam_max_margin``).
         ``False`` gives the official targets (plain argmax), with which the router
         stops after the first expert on data the experts fit (see Notes); the default
-        was chosen on validation splits (``benchmarks/results/router_margin_validation.md``).
+        was chosen on validation splits (``benchmarks/results/router_margin_validation.md``)
+        of data trained without augmentation. With augmentation (CIFAR-10-LT, the
+        CIFAR recipe, small ConvNet, 15 epochs) the official targets did better: no cost
+        against all experts (seeds 0 and 2) where margins cost 1.4 points at the same
+        1.7 experts per sample (``benchmarks/results/accuracy_cifar10_shared.md``): there
+        use ``False``.
 
     router_top_k : int, default=30
         Number of top running-mean logits the router reads (30 on CIFAR-100); clipped
