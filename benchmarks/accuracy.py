@@ -145,13 +145,16 @@ def run_one(method: str, data, *, epochs: int, seed: int,
         for group, members in shot_groups(data.class_counts).items():
             mask = np.isin(data.y_test, members)
             per_group[f"experts_{group}"] = float(used[mask].mean()) if mask.any() else np.nan
-        # The same fit with every expert (the router switched off after fit).
-        clf.set_params(router=False)  # (ride-no-router: the same predictions again)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", EmptyGroupWarning)
-            per_group["overall_all_experts"] = group_accuracy(
-                data.y_test, clf.predict(data.X_test),
-                class_counts=data.class_counts)["overall"]
+        # The same fit with every expert (the router switched off after fit); a fit
+        # without a router already used them all.
+        every = scores["overall"]
+        if clf.router:
+            clf.set_params(router=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", EmptyGroupWarning)
+                every = group_accuracy(data.y_test, clf.predict(data.X_test),
+                                       class_counts=data.class_counts)["overall"]
+        per_group["overall_all_experts"] = every
     return {**scores, "experts": float(experts), **per_group,
             "relative_compute": float(compute), "fit_s": fit_seconds}
 

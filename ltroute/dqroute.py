@@ -756,7 +756,7 @@ class DQRouteClassifier(LongTailNet):
     def _resolve_energy_margins(self) -> tuple[float, float]:
         """``(m_in, m_out)`` from ``energy_margins`` (validated) and the head type."""
         if isinstance(self.energy_margins, str):  # "auto", the only string allowed
-            scale = float(self.head_scale) / 30.0 if bool(self.cosine_head) else 1.0
+            scale = float(self.head_scale) / 30.0 if self.cosine_head else 1.0
             return -25.0 * scale, -7.0 * scale
         margins = np.asarray(self.energy_margins, dtype=float).ravel()
         if margins.shape != (2,) or not np.all(np.isfinite(margins)) or not (
