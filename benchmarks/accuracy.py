@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the runs already in the fragment's CSV (the same data set, "
                         "method, seed and recipe) and fit only the missing ones; the CSV is "
                         "rewritten after every fit")
+    parser.add_argument("--hardest-from", metavar="NAME",
+                        help="reuse the hardest third of each (data set, seed, epochs) stored "
+                        "in fragment NAME's CSV (the same cross-entropy validation fit, "
+                        "whatever the recipe) instead of fitting it again")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, all cores)")
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--datasets cifar10 needs --cifar-root")
 
     runs = read_runs_csv(args.name) if args.resume else []
+    stored = runs + (read_runs_csv(args.hardest_from) if args.hardest_from else [])
     for dataset in args.datasets:
         title = DATASETS[dataset][0]
         for seed in args.seeds:
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             if not missing:
                 continue
             data = load(dataset, seed, args)
-            known = [r["hardest_classes"] for r in runs if r["dataset"] == dataset
+            known = [r["hardest_classes"] for r in stored if r["dataset"] == dataset
                      and r["seed"] == seed and r.get("epochs") == args.epochs
                      and isinstance(r.get("hardest_classes"), str)]
             hardest = (np.array(json.loads(known[0])) if known else
