@@ -65,6 +65,7 @@ from ltroute._validation import (
 from ltroute.augmentation import AUGMENTATIONS, ImageAugmentation, resolve_augmentation
 from ltroute.calibration import apply_temperature, as_log_proba, encode_labels, fit_under_prior
 from ltroute.callbacks import (
+    BATCHNORM_AVERAGED_KEY,
     FOLD_BATCHES_KEY,
     BatchNormRecalibration,
     ConvergenceCheck,
@@ -290,8 +291,9 @@ class LongTailNet(NeuralNetClassifier):
             self._grad_scaler = self._make_grad_scaler()
             try:
                 NeuralNet.partial_fit(self, train_X, y_encoded, **fit_params)
-            finally:  # batches the recalibration kept for a check that did not run
+            finally:  # what the recalibration left for a check that did not run
                 self.__dict__.pop(FOLD_BATCHES_KEY, None)
+                self.__dict__.pop(BATCHNORM_AVERAGED_KEY, None)
             self._after_training(X, y_encoded)
         return self
 

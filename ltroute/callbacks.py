@@ -326,39 +326,91 @@ class BatchNormRecalibration(Callback):
     ``load_digits_lt()`` (294 rows, 3 epochs of 3 batches), DQRoute's training accuracy
     was 0.09-0.41 in inference mode against 0.90-0.96 in training mode.
 
-    At the end of training, when any BatchNorm layer's starting values still weigh more
-    than ``threshold``, this callback recomputes every BatchNorm layer's statistics as the
-    plain average over one pass of the training fold (training mode, no gradient, no
-    weight change), as ``torch.optim.swa_utils.update_bn`` does. Longer runs are left
-    untouched. Part of every ltroute estimator's default callbacks (named
-    ``"batchnorm_recalibration"``; switch it off with
-    ``callbacks__batchnorm_recalibration=None``).
+    When any BatchNorm layer's starting values would still weigh more than ``threshold``
+    at the end of training, this callback replaces the exponential average by a plain
+    one, in one of two ways:
+
+    - ``last_epoch=True`` (default): the last planned epoch (``max_epochs``) starts from
+      reset statistics with ``momentum=None``, so that each layer's running statistics
+      are the plain average over that epoch's training batches (the batches as the
+      network saw them: augmented, and with the weights of each step) -- no pass over
+      the data after training. When the fit ends before that epoch is complete (early
+      stopping, a diverged or interrupted fit), the pass below runs instead.
+    - ``last_epoch=False``: after training, every BatchNorm layer's statistics are the
+      plain average over one pass of the training fold (training mode, no gradient,
+      no augmentation, the final weights), as ``torch.optim.swa_utils.update_bn``
+      computes them.
+
+    Longer runs are left untouched. Part of every ltroute estimator's default callbacks
+    (named ``"batchnorm_recalibration"``; switch it off with
+    ``callbacks__batchnorm_recalibration=None``, choose the pass with
+    ``callbacks__batchnorm_recalibration__last_epoch=False``).
 
     Parameters
     ----------
     threshold : float, default=0.01
         Largest weight ``(1 - m)^n`` of the starting values left alone.
+    last_epoch : bool, default=True
+        Average the statistics over the last epoch's training batches instead of a
+        pass over the training fold after training (which costs as much as a forward
+        pass of the fold, and loading it again: 4-14 % of a 5-epoch fit of a small
+        ConvNet on a few hundred images; ``benchmarks/overhead.py``).
     """
 
-    def __init__(self, threshold: float = 0.01) -> None:
+    def __init__(self, threshold: float = 0.01, last_epoch: bool = True) -> None:
         self.threshold = threshold
+        self.last_epoch = last_epoch
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         self.dataset_train_ = None
+        self.last_planned_epoch_ = len(net.history) + net.max_epochs
+        self.averaging_ = None  # [(layer, momentum, batches tracked before)] during it
+        self.averaged_epoch_ = None
 
     def on_epoch_begin(self, net, dataset_train=None, **kwargs):
         self.dataset_train_ = dataset_train
+        if (not self.last_epoch or len(net.history) != self.last_planned_epoch_
+                or dataset_train is None):
+            return
+        batch_size = net.get_params_for("iterator_train").get("batch_size", net.batch_size)
+        n_batches = 1 if batch_size == -1 else -(-len(dataset_train) // batch_size)
+        layers = _batch_norm_layers(net)
+        if not any(_initial_weight(m, extra_batches=n_batches) > self.threshold
+                   for m in layers):
+            return
+        self.averaging_ = [(m, m.momentum, int(m.num_batches_tracked)) for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the epoch's batches
+
+    def on_epoch_end(self, net, **kwargs):
+        if self.averaging_ is not None:
+            self._end_averaging()
+            if _last_loss_finite(net):
+                self.averaged_epoch_ = len(net.history)
+
+    def _end_averaging(self) -> None:
+        """Restore each layer's momentum; its batch count goes on from before the epoch."""
+        for m, momentum, tracked in self.averaging_:
+            m.momentum = momentum
+            m.num_batches_tracked.add_(tracked)
+        self.averaging_ = None
 
     def on_train_end(self, net, X=None, y=None, **kwargs):
         dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
-        layers = [m for m in net.module_.modules()
-                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                  and m.track_running_stats]
+        if self.averaging_ is not None:  # an epoch cut short (e.g. a diverged fit)
+            self._end_averaging()
+        if (self.averaged_epoch_ is not None and self.averaged_epoch_ == len(net.history)
+                and _last_loss_finite(net)):
+            net.__dict__[BATCHNORM_AVERAGED_KEY] = True  # for the convergence check
+            return
+        layers = _batch_norm_layers(net)
         if (dataset is None or not _last_loss_finite(net)
                 or not any(_initial_weight(m) > self.threshold for m in layers)):
             return
         with _rng_untouched(net):
             self._recalibrate(net, dataset, layers, keep=_keeps_fold_batches(net, dataset))
+        net.__dict__[BATCHNORM_AVERAGED_KEY] = True
 
     @staticmethod
     def _recalibrate(net, dataset, layers, keep: bool = False) -> None:
@@ -406,29 +458,73 @@ class ConvergenceCheck(Callback):
       trained for the balanced error, is well above it on the data it was trained on.
       Train longer (``max_epochs``), with a larger ``lr``, or check the data.
 
-    Costs at most one inference pass over the training fold at the end of ``fit``
-    (loaded like the training batches, in batches of up to
-    :data:`~ltroute._base._INFERENCE_BATCH_BYTES` of input: ``batch_size`` rows of
-    images, up to a few thousand tabular rows at once). The pass stops as soon as the
-    correct predictions reach the size of the fold's most frequent class, when the
-    fold's labels are known without loading an item (arrays, the datasets ``fit`` makes,
-    a validation split of them): the accuracy can then no longer fall below the majority
-    share, so the outcome is the one of the whole pass; a trained model usually gets
-    there within the first part of the fold. After a BatchNorm recalibration (short
-    fits) of a fold loaded item by item, the check reuses that pass's batches (up to
-    :data:`FOLD_BATCHES_BYTES`) instead of loading every item again. Part of every
-    ltroute estimator's default callbacks (named ``"convergence_check"``; switch it off
-    with ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
+    With ``training_predictions=True`` (default) the check first reads the predictions
+    the training steps of the last planned epoch made anyway (training mode: augmented
+    inputs, each step's weights; counted on the training device, no extra pass): when
+    they reach the majority class's count, the model is judged converged and no pass
+    over the data runs. This shortcut is taken only when the BatchNorm layers' running
+    statistics can be trusted in inference mode (none, a long enough run, or averaged
+    by :class:`BatchNormRecalibration` in this fit), since a network whose training-mode
+    predictions are fine can still predict badly with running statistics that keep
+    their starting values; and not with Accelerate (each process sees a shard).
+
+    Otherwise (or when the shortcut falls short) the check makes at most one inference
+    pass over the training fold at the end of ``fit`` (loaded like the training batches,
+    in batches of up to :data:`~ltroute._base._INFERENCE_BATCH_BYTES` of input:
+    ``batch_size`` rows of images, up to a few thousand tabular rows at once). The pass
+    stops as soon as the correct predictions reach the size of the fold's most frequent
+    class, when the fold's labels are known without loading an item (arrays, the
+    datasets ``fit`` makes, a validation split of them): the accuracy can then no longer
+    fall below the majority share, so the outcome is the one of the whole pass. After a
+    BatchNorm recalibration pass (short fits) of a fold loaded item by item, the check
+    reuses that pass's batches (up to :data:`FOLD_BATCHES_BYTES`) instead of loading
+    every item again. Only the inference pass warns. Part of every ltroute estimator's
+    default callbacks (named ``"convergence_check"``; switch it off with
+    ``callbacks__convergence_check=None``). Fits of ``max_epochs=0`` are not checked.
+
+    Parameters
+    ----------
+    training_predictions : bool, default=True
+        Judge from the last epoch's training predictions first (see above); ``False``:
+        always the inference pass.
     """
+
+    def __init__(self, training_predictions: bool = True) -> None:
+        self.training_predictions = training_predictions
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         self.dataset_train_ = None
         self.diverged_ = False
+        self.last_planned_epoch_ = len(net.history) + net.max_epochs
+        self.counting_ = False
+        self.correct_ = self.class_counts_ = None  # on the training device
+        self.counted_epoch_ = None
 
     def on_epoch_begin(self, net, dataset_train=None, **kwargs):
         self.dataset_train_ = dataset_train
+        self.counting_ = (self.training_predictions and not hasattr(net, "accelerator")
+                          and len(net.history) == self.last_planned_epoch_)
+        self.correct_ = self.class_counts_ = None
+
+    def on_batch_end(self, net, batch=None, training=False, y_pred=None, **kwargs):
+        if not (self.counting_ and training) or y_pred is None:
+            return
+        with torch.no_grad():
+            # skorch passes the module's outputs (the expert logits): fused as predict does
+            predicted = net._fuse(y_pred.detach().float()).probs.argmax(dim=1)
+            target = torch.as_tensor(unpack_data(batch)[1], device=predicted.device).long()
+            correct = (predicted == target).sum()
+            counts = torch.zeros(len(net.classes_), dtype=torch.long,
+                                 device=target.device).index_add_(
+                0, target, torch.ones_like(target))
+        self.correct_ = correct if self.correct_ is None else self.correct_ + correct
+        self.class_counts_ = (counts if self.class_counts_ is None
+                              else self.class_counts_ + counts)
 
     def on_epoch_end(self, net, **kwargs):
+        if self.counting_:
+            self.counting_ = False
+            self.counted_epoch_ = len(net.history)
         if _last_loss_finite(net):
             return
         self.diverged_ = True
@@ -439,10 +535,22 @@ class ConvergenceCheck(Callback):
             f"{net.lr!r}) or scale X.", ConvergenceWarning, stacklevel=2)
         raise KeyboardInterrupt  # skorch's way to stop training (as EarlyStopping does)
 
+    def _training_predictions_suffice(self, net, batch_norm_averaged: bool) -> bool:
+        """Whether the last epoch's training predictions reach the majority count, with
+        running statistics that inference can trust."""
+        if (self.counted_epoch_ != len(net.history) or self.correct_ is None
+                or not (batch_norm_averaged or not any(
+                    _initial_weight(m) > 0.01 for m in _batch_norm_layers(net)))):
+            return False
+        return int(self.correct_) >= int(self.class_counts_.max())
+
     def on_train_end(self, net, X=None, y=None, **kwargs):
         dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
         kept = net.__dict__.pop(FOLD_BATCHES_KEY, None)
-        if self.diverged_ or dataset is None:
+        averaged = net.__dict__.pop(BATCHNORM_AVERAGED_KEY, False)
+        suffice = not self.diverged_ and self._training_predictions_suffice(net, averaged)
+        self.correct_ = self.class_counts_ = None
+        if self.diverged_ or dataset is None or suffice:
             return
         # The BatchNorm recalibration's pass just loaded this fold (and kept it): the
         # same batches, in order, without decoding every image again.
@@ -525,6 +633,10 @@ def _training_fold_iterator(net, dataset, inference_only: bool = False):
 #: steps, so a fold it passes over is small; above this it is loaded twice.
 FOLD_BATCHES_BYTES = 64 * 2**20
 FOLD_BATCHES_KEY = "_recalibration_batches"
+#: Set in ``net.__dict__`` by the BatchNorm recalibration when it replaced the running
+#: statistics by a plain average at the end of this fit (removed by the convergence
+#: check, or else by ``fit``).
+BATCHNORM_AVERAGED_KEY = "_batchnorm_averaged"
 
 
 def _keeps_fold_batches(net, dataset) -> bool:
@@ -564,8 +676,16 @@ def _last_loss_finite(net) -> bool:
     return math.isfinite(net.history[-1, "train_loss"])
 
 
-def _initial_weight(layer: torch.nn.modules.batchnorm._BatchNorm) -> float:
-    """Weight ``(1 - m)^n`` of the starting values in a BatchNorm layer's running stats."""
+def _initial_weight(layer: torch.nn.modules.batchnorm._BatchNorm,
+                    extra_batches: int = 0) -> float:
+    """Weight ``(1 - m)^n`` of the starting values in a BatchNorm layer's running stats
+    (after ``extra_batches`` more training batches)."""
     if layer.momentum is None:  # cumulative average: no trace of the starting values
         return 0.0
-    return (1.0 - layer.momentum) ** int(layer.num_batches_tracked)
+    return (1.0 - layer.momentum) ** (int(layer.num_batches_tracked) + extra_batches)
+
+
+def _batch_norm_layers(net) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The network's BatchNorm layers that keep running statistics."""
+    return [m for m in net.module_.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

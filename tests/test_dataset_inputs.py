@@ -104,10 +104,13 @@ def test_dataset_fit_matches_the_array_fit(folder, cls):
 @pytest.mark.parametrize("params", [{}, {"max_epochs": 1, "lr": 1e-6}])
 def test_convergence_check_judges_the_batches_the_recalibration_loaded(folder, monkeypatch,
                                                                       params):
-    """After a short fit (BatchNorm recalibration) the convergence check reuses the
-    recalibration's batches: no image is loaded again, and the verdict and the fitted
-    model are those of a check that loads its own (kept batches switched off)."""
+    """After a short fit recalibrated by a pass over the fold (``last_epoch=False``) the
+    convergence check reuses the recalibration's batches: no image is loaded again, and
+    the verdict and the fitted model are those of a check that loads its own (kept
+    batches switched off)."""
     runs = []
+    params = params | {"callbacks__batchnorm_recalibration__last_epoch": False,
+                       "callbacks__convergence_check__training_predictions": False}
     for cap in (FOLD_BATCHES_BYTES, 0):
         monkeypatch.setattr("ltroute.callbacks.FOLD_BATCHES_BYTES", cap)
         data = Counting(folder, with_targets=True)
@@ -124,6 +127,18 @@ def test_convergence_check_judges_the_batches_the_recalibration_loaded(folder, m
     assert loads < reloads <= loads + len(folder)  # the check's own pass
     assert warned == warned_again
     assert_close(kept.predict_proba(folder), reloaded.predict_proba(folder))
+
+
+def test_a_short_fit_loads_no_image_after_its_epochs(folder):
+    """By default a short fit's BatchNorm statistics are its last epoch's and a trained
+    model is judged converged from that epoch's predictions: after the shape's image,
+    only the epochs load images."""
+    data = Counting(folder, with_targets=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        clf = small(max_epochs=8).fit(data)
+    assert sum(clf.history_[:, "train_batch_count"]) < 44  # a short fit
+    assert data.loads == 1 + clf.max_epochs * len(folder)
 
 
 def test_the_images_are_learned(folder):

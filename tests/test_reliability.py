@@ -16,6 +16,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
+from skorch.callbacks import Callback
 
 from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
 from ltroute.__main__ import main
@@ -117,22 +118,76 @@ def _batch_norm_layers(clf):
     return [m for m in clf.module_.modules() if isinstance(m, torch.nn.BatchNorm1d)]
 
 
-def test_batchnorm_statistics_are_recomputed_after_a_short_run(blobs):
-    X, y = blobs
-    params = _fast(LongTailClassifier) | {"batch_size": -1, "max_epochs": 2}
-    clf = LongTailClassifier(**params).fit(X, y)
-    first = _batch_norm_layers(clf)[0]
-    mean, var = first.running_mean.clone(), first.running_var.clone()
-    assert int(first.num_batches_tracked) == 2  # the training steps, not the pass
+def _layer_inputs(layer, run) -> list[torch.Tensor]:
+    """The inputs ``layer`` received while ``run()`` ran, with the module's mode."""
     inputs = []
-    hook = first.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
-    with torch.no_grad():
-        clf.module_(torch.as_tensor(X))  # inference mode: the layer's inputs only
-    hook.remove()
-    torch.testing.assert_close(mean, inputs[0].mean(dim=0))
-    torch.testing.assert_close(var, inputs[0].var(dim=0))
+    hook = layer.register_forward_hook(
+        lambda m, args, out: inputs.append((m.training, args[0].detach().clone())))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return inputs
+
+
+class _FirstBatchNormSpy(Callback):
+    """Records the first BatchNorm layer's inputs during training (from the first epoch)."""
+
+    def on_train_begin(self, net, **kwargs):
+        layer = _batch_norm_layers(net)[0]
+        self.inputs_ = []
+        self.hook_ = layer.register_forward_hook(
+            lambda m, args, out: self.inputs_.append((m.training, args[0].detach().clone())))
+
+    def on_train_end(self, net, **kwargs):
+        self.hook_.remove()
+
+
+def test_batchnorm_statistics_of_a_short_run_average_its_last_epoch(blobs):
+    X, y = blobs  # one batch per epoch: the last epoch's statistics are its batch's
+    spy = _FirstBatchNormSpy()
+    params = _fast(LongTailClassifier) | {"batch_size": -1, "max_epochs": 5}
+    clf = LongTailClassifier(**params, callbacks=[("spy", spy)]).fit(X, y)
+    first = _batch_norm_layers(clf)[0]
+    assert int(first.num_batches_tracked) == 5  # the training steps
+    assert first.momentum == 0.1  # restored after the epoch
+    training_inputs = [x for training, x in spy.inputs_ if training]
+    assert len(training_inputs) == 5
+    last = training_inputs[-1]
+    torch.testing.assert_close(first.running_mean, last.mean(dim=0))
+    torch.testing.assert_close(first.running_var, last.var(dim=0))  # unbiased, as BatchNorm
     off = LongTailClassifier(**params, callbacks__batchnorm_recalibration=None).fit(X, y)
     assert not torch.allclose(_batch_norm_layers(off)[0].running_mean, first.running_mean)
+
+
+@pytest.mark.parametrize("cut_short", [False, True], ids=["last_epoch=False", "stopped early"])
+def test_batchnorm_statistics_are_recomputed_after_a_short_run(blobs, cut_short):
+    # The pass over the training fold after training: chosen, or because the fit ended
+    # before its last planned epoch (here: a callback stops it after epoch 5 of 6).
+    X, y = blobs
+    params = _fast(LongTailClassifier) | {"batch_size": -1, "max_epochs": 6}
+    if cut_short:
+        params["callbacks"] = [("stop", _StopAfter(5))]
+    else:
+        params["callbacks__batchnorm_recalibration__last_epoch"] = False
+    clf = LongTailClassifier(**params).fit(X, y)
+    assert len(clf.history_) == (5 if cut_short else 6)
+    first = _batch_norm_layers(clf)[0]
+    mean, var = first.running_mean.clone(), first.running_var.clone()
+    assert int(first.num_batches_tracked) == len(clf.history_)  # steps, not the pass
+    clf.module_.eval()
+    inputs = _layer_inputs(first, lambda: clf.module_(torch.as_tensor(X)))
+    torch.testing.assert_close(mean, inputs[0][1].mean(dim=0))  # the final weights' inputs
+    torch.testing.assert_close(var, inputs[0][1].var(dim=0))
+
+
+class _StopAfter(Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) >= self.epochs:
+            raise KeyboardInterrupt
 
 
 def test_batchnorm_statistics_of_longer_runs_are_left_alone(blobs):

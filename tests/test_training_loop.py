@@ -12,7 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 from skorch.callbacks import Callback, EpochTimer, PrintLog
 from torch.testing import assert_close
 
-from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
 from ltroute._inputs import ArrayBatches, ArrayBatchIterator, batch_loader
 from ltroute.callbacks import ConvergenceCheck
 from ltroute.losses import (
@@ -334,3 +334,50 @@ def test_convergence_check_outcome_is_unchanged_when_far_from_converged(small_le
     assert early == full and len(warned) == 1 and warned == warned_full
     share = clf.class_counts_.min() / len(X)
     assert f"is {share:.3f}, below {clf.class_counts_.max() / len(X):.3f}" in warned[0]
+
+
+class _PredictRarest(Callback):
+    """Sets the network's last linear layer to predict the rarest class everywhere, at
+    the start of every epoch (with a vanishing ``lr`` it stays so)."""
+
+    def on_epoch_begin(self, net, **kwargs):
+        head = [m for m in net.module_.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(0).data[np.argmin(net.class_counts_)] = 1.0
+
+
+@pytest.mark.parametrize("cls", [LongTailClassifier, RIDEClassifier, DQRouteClassifier])
+def test_convergence_check_reads_the_last_epochs_training_predictions(cls, small_letter,
+                                                                    monkeypatch):
+    """A model whose last-epoch training predictions reach the majority count is judged
+    without an inference pass (2 epochs of 24 batches: BatchNorm statistics past 44
+    steps); asked not to, the pass runs; when they fall short, the pass runs and
+    decides as before."""
+    X, y = small_letter[:2]
+    calls = []
+    evaluation_step = cls.evaluation_step
+
+    def counted(self, batch, training=False):
+        calls.append(len(batch[1]))
+        return evaluation_step(self, batch, training=training)
+
+    monkeypatch.setattr(cls, "evaluation_step", counted)
+    params = {"router": False} if cls is RIDEClassifier else {"lr": 1e-2}
+    outcomes = {}
+    for training_predictions in (True, False):
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConvergenceWarning)
+            clf = fitted(cls, small_letter, **params,
+                         callbacks__convergence_check__training_predictions=(
+                             training_predictions))
+        outcomes[training_predictions] = sum(calls)
+    assert sum(clf.history_[:, "train_batch_count"]) > 44
+    assert outcomes[True] == 0 and outcomes[False] > 0
+    if cls is not LongTailClassifier:
+        return
+    calls.clear()  # it predicts the rarest class: the pass runs it through and warns
+    with pytest.warns(ConvergenceWarning, match="far from converged"):
+        fitted(cls, small_letter, lr=1e-12, callbacks=[("rarest", _PredictRarest())])
+    assert sum(calls) == len(X)  # the whole fold: the majority count is never reached
