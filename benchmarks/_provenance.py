@@ -24,7 +24,8 @@ RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 #: Fragment order in RESULTS.md; fragments not listed come after, alphabetically.
 ORDER = [
     "recipe_search_letter", "recipe_search_mnist", "accuracy_letter_shared", "accuracy_letter",
-    "accuracy_mnist_shared", "accuracy_mnist", "cifar_lt", "overhead", "accuracy",
+    "accuracy_mnist_shared", "accuracy_mnist", "accuracy_cifar10_shared", "accuracy_cifar10",
+    "cifar_lt", "overhead", "accuracy",
     "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed", "fusion",
 ]
 

@@ -6,18 +6,18 @@ with the same optimiser, learning rate, batch size, training loss (the estimator
 shuffled batches from the tensors as a hand-written loop does (and as ltroute does), or
 iterates a ``DataLoader`` over the image folder with the same workers, and does nothing
 else. ltroute's time is its whole ``fit`` (validation, skorch's loop and callbacks, the
-passes over the training data after the last epoch: the convergence check and, after
-fewer than 44 steps, the BatchNorm recalibration; RIDE without its router stage,
-``router=False``, which the plain loop has no counterpart of). Reported: samples per
-second of each and their ratio (ltroute time / plain time), the best of ``--repeats``,
-and the ratio of ltroute's epochs alone (skorch's training loop) to the plain loop.
-Several ``--images`` sizes give a row pair each: 768 images x 5 epochs (30 steps)
-includes the BatchNorm recalibration of short runs, 2560 (100 steps) does not.
+convergence check and, after fewer than 44 steps, the BatchNorm recalibration; RIDE
+without its router stage, ``router=False``, which the plain loop has no counterpart of).
+Reported: samples per second of each and their ratio (ltroute time / plain time), the
+best of ``--repeats``, and the ratio of ltroute's epochs alone (skorch's training loop)
+to the plain loop. Several ``--images`` sizes give a row pair each: 768 images x 5
+epochs (30 steps) has the BatchNorm recalibration of short runs, 2560 (100 steps) does
+not.
 
-Usage::
+Usage (nothing else running; ``--threads`` torch threads)::
 
-    /work/bin/heavy --exclusive python benchmarks/overhead.py --epochs 5 --repeats 5 \
-        --images 768 2560 --workers 2 --image-folder /work/data/cifar10-jpeg/train
+    python benchmarks/overhead.py --epochs 5 --repeats 5 --images 768 2560 --workers 2 \
+        --image-folder /path/to/cifar10-jpeg/train
 """
 
 from __future__ import annotations
@@ -93,8 +93,11 @@ def main() -> None:
                         help="images taken from the folder (a seeded random subset); "
                              "several sizes give a row pair each")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice, all cores)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     rows = []
     common = {"max_epochs": args.epochs, "batch_size": args.batch_size,
@@ -145,15 +148,14 @@ def main() -> None:
              "(same workers). Ratio = ltroute seconds / plain seconds (goal <= 1.10): "
              "of the whole `fit`, and of its epochs alone (skorch's training loop, the "
              "sum of the history's `dur`); `fit` outside the epochs = input validation, "
-             "network set-up and the passes over the training data after the last epoch: "
-             "the convergence check (an inference pass that stops once the correct "
-             "predictions reach the majority class's count) and, when fewer than 44 "
-             "steps were taken, the BatchNorm recalibration (a training-mode pass over "
-             "the fold, which the plain loop lacks: its network predicts with running "
-             "statistics that still weigh their starting values by 0.9^steps)."
-             + (f" Image folder sizes ({sizes}): the recalibration is a fixed cost of "
-                "short runs, whose weight in a 5-epoch fit the larger size shows without "
-                "it." if steps else ""), "",
+             "network set-up and the end-of-fit checks: the convergence check (judged "
+             "from the last epoch's training predictions, or else an inference pass that "
+             "stops once the correct predictions reach the majority class's count) and, "
+             "when fewer than 44 steps are taken, the BatchNorm recalibration (running "
+             "statistics averaged over the last epoch's batches, which the plain loop "
+             "lacks: its network predicts with running statistics that still weigh "
+             "their starting values by 0.9^steps)."
+             + (f" Image folder sizes ({sizes})." if steps else ""), "",
              "| data | estimator | samples/s ltroute | samples/s plain | ratio (fit) | "
              "ratio (epochs) | fit outside the epochs (s) |",
              "|---|---|---:|---:|---:|---:|---:|"]

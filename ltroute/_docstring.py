@@ -96,8 +96,9 @@ _training_parameters = """module : type, default=ExpertNet
         Extra skorch callbacks (LR schedulers, checkpoints, progress bars, ...). Besides
         skorch's, every estimator runs two of its own (switch one off with
         ``callbacks__<name>=None``): ``"batchnorm_recalibration"``
-        (:class:`~ltroute.callbacks.BatchNormRecalibration`: after a run of fewer than
-        about 44 steps, BatchNorm statistics are re-estimated on the training fold) and
+        (:class:`~ltroute.callbacks.BatchNormRecalibration`: in a run of fewer than
+        about 44 steps, BatchNorm statistics are the plain average over the last epoch's
+        batches, or over a pass of the training fold when the fit stops early) and
         ``"convergence_check"`` (:class:`~ltroute.callbacks.ConvergenceCheck`: a
         ``ConvergenceWarning`` when the training loss becomes non-finite, which also stops
         training, or when the model ends below the majority-class accuracy on its own
