@@ -27,6 +27,12 @@ from ltroute.losses import (
 __all__ = ["BatchNormRecalibration", "ConvergenceCheck", "DifficultyWeighting", "EpochProgressBar",
            "QuietPrintLog"]
 
+#: Largest weight ``(1 - m)^n`` of BatchNorm's starting values in its running statistics
+#: that inference may trust (1 % after 44 steps at PyTorch's momentum 0.1): the
+#: recalibration's default threshold, and the convergence check's condition for judging
+#: from training-mode predictions.
+TRUSTED_INITIAL_WEIGHT = 0.01
+
 
 class EpochProgressBar(Callback):
     """One tqdm progress bar over the epochs of a fit, showing the last training loss.
@@ -357,7 +363,8 @@ class BatchNormRecalibration(Callback):
         ConvNet on a few hundred images; ``benchmarks/overhead.py``).
     """
 
-    def __init__(self, threshold: float = 0.01, last_epoch: bool = True) -> None:
+    def __init__(self, threshold: float = TRUSTED_INITIAL_WEIGHT,
+                 last_epoch: bool = True) -> None:
         self.threshold = threshold
         self.last_epoch = last_epoch
 
@@ -400,17 +407,15 @@ class BatchNormRecalibration(Callback):
         dataset, self.dataset_train_ = self.dataset_train_, None  # no data kept after fit
         if self.averaging_ is not None:  # an epoch cut short (e.g. a diverged fit)
             self._end_averaging()
-        if (self.averaged_epoch_ is not None and self.averaged_epoch_ == len(net.history)
-                and _last_loss_finite(net)):
-            net.__dict__[BATCHNORM_AVERAGED_KEY] = True  # for the convergence check
-            return
-        layers = _batch_norm_layers(net)
-        if (dataset is None or not _last_loss_finite(net)
-                or not any(_initial_weight(m) > self.threshold for m in layers)):
-            return
-        with _rng_untouched(net):
-            self._recalibrate(net, dataset, layers, keep=_keeps_fold_batches(net, dataset))
-        net.__dict__[BATCHNORM_AVERAGED_KEY] = True
+        if self.averaged_epoch_ != len(net.history):  # no (finite) averaged last epoch
+            layers = _batch_norm_layers(net)
+            if (dataset is None or not _last_loss_finite(net)
+                    or not any(_initial_weight(m) > self.threshold for m in layers)):
+                return
+            with _rng_untouched(net):
+                self._recalibrate(net, dataset, layers,
+                                  keep=_keeps_fold_batches(net, dataset))
+        net.__dict__[BATCHNORM_AVERAGED_KEY] = True  # for the convergence check
 
     @staticmethod
     def _recalibrate(net, dataset, layers, keep: bool = False) -> None:
@@ -540,7 +545,8 @@ class ConvergenceCheck(Callback):
         running statistics that inference can trust."""
         if (self.counted_epoch_ != len(net.history) or self.correct_ is None
                 or not (batch_norm_averaged or not any(
-                    _initial_weight(m) > 0.01 for m in _batch_norm_layers(net)))):
+                    _initial_weight(m) > TRUSTED_INITIAL_WEIGHT
+                    for m in _batch_norm_layers(net)))):
             return False
         return int(self.correct_) >= int(self.class_counts_.max())
 

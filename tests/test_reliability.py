@@ -118,29 +118,33 @@ def _batch_norm_layers(clf):
     return [m for m in clf.module_.modules() if isinstance(m, torch.nn.BatchNorm1d)]
 
 
-def _layer_inputs(layer, run) -> list[torch.Tensor]:
-    """The inputs ``layer`` received while ``run()`` ran, with the module's mode."""
-    inputs = []
-    hook = layer.register_forward_hook(
-        lambda m, args, out: inputs.append((m.training, args[0].detach().clone())))
-    try:
-        run()
-    finally:
-        hook.remove()
-    return inputs
+def _record_inputs(layer, sink: list):
+    """Append ``(training mode, input)`` of each forward call of ``layer`` to ``sink``;
+    returns the hook's handle."""
+    return layer.register_forward_hook(
+        lambda m, args, out: sink.append((m.training, args[0].detach().clone())))
 
 
 class _FirstBatchNormSpy(Callback):
     """Records the first BatchNorm layer's inputs during training (from the first epoch)."""
 
     def on_train_begin(self, net, **kwargs):
-        layer = _batch_norm_layers(net)[0]
         self.inputs_ = []
-        self.hook_ = layer.register_forward_hook(
-            lambda m, args, out: self.inputs_.append((m.training, args[0].detach().clone())))
+        self.hook_ = _record_inputs(_batch_norm_layers(net)[0], self.inputs_)
 
     def on_train_end(self, net, **kwargs):
         self.hook_.remove()
+
+
+class _StopAfter(Callback):
+    """Stops training after ``epochs`` epochs (as early stopping would)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) >= self.epochs:
+            raise KeyboardInterrupt
 
 
 def test_batchnorm_statistics_of_a_short_run_average_its_last_epoch(blobs):
@@ -175,19 +179,13 @@ def test_batchnorm_statistics_are_recomputed_after_a_short_run(blobs, cut_short)
     first = _batch_norm_layers(clf)[0]
     mean, var = first.running_mean.clone(), first.running_var.clone()
     assert int(first.num_batches_tracked) == len(clf.history_)  # steps, not the pass
-    clf.module_.eval()
-    inputs = _layer_inputs(first, lambda: clf.module_(torch.as_tensor(X)))
+    inputs = []
+    hook = _record_inputs(first, inputs)
+    with torch.no_grad():
+        clf.module_.eval()(torch.as_tensor(X))  # inference mode: the layer's inputs only
+    hook.remove()
     torch.testing.assert_close(mean, inputs[0][1].mean(dim=0))  # the final weights' inputs
     torch.testing.assert_close(var, inputs[0][1].var(dim=0))
-
-
-class _StopAfter(Callback):
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def on_epoch_end(self, net, **kwargs):
-        if len(net.history) >= self.epochs:
-            raise KeyboardInterrupt
 
 
 def test_batchnorm_statistics_of_longer_runs_are_left_alone(blobs):
