@@ -344,7 +344,7 @@ class LongTailNet(NeuralNetClassifier):
             raise ValueError(f"The dataset has samples of shape {input_shape}, but "
                              f"{type(self).__name__} was fitted on samples of shape "
                              f"{self.input_shape_}.")
-        labels = check_dataset_y(X, y, type(self).__name__)
+        labels = check_dataset_y(X, y, f"{type(self).__name__}.fit")
         check_classification_targets(labels)
         classes, y_encoded = np.unique(labels, return_inverse=True)
         if len(classes) < 2:

@@ -194,20 +194,21 @@ def dataset_labels(dataset: Any) -> np.ndarray | None:
     return np.asarray(values)
 
 
-def check_dataset_y(dataset: Any, y: Any, estimator_name: str) -> np.ndarray:
+def check_dataset_y(dataset: Any, y: Any, caller: str) -> np.ndarray:
     """The labels to train on: the dataset's, which a given ``y`` must agree with, or
-    ``y`` alone when the items carry no label."""
+    ``y`` alone when the items carry no label; errors name ``caller`` (e.g.
+    ``"RIDEClassifier.fit"``)."""
     labels = dataset_labels(dataset)
     if y is None:
         if labels is None:
-            raise ValueError(f"{estimator_name}.fit: the dataset's items carry no label, so "
+            raise ValueError(f"{caller}: the dataset's items carry no label, so "
                              "y is needed.")
         return labels
     given = dataset_labels(y) if isinstance(y, SliceDataset) else np.asarray(y)
     if given is None or given.ndim != 1:
-        raise ValueError(f"{estimator_name}.fit: y must be 1-D (one label per item).")
+        raise ValueError(f"{caller}: y must be 1-D (one label per item).")
     if len(given) != _n_items(dataset):
-        raise ValueError(f"{estimator_name}.fit: y has {len(given)} labels but the dataset "
+        raise ValueError(f"{caller}: y has {len(given)} labels but the dataset "
                          f"has {_n_items(dataset)} items.")
     if labels is None:
         return given
@@ -215,7 +216,7 @@ def check_dataset_y(dataset: Any, y: Any, estimator_name: str) -> np.ndarray:
         return labels
     differ = np.flatnonzero(given.astype(str) != labels.astype(str))
     first = int(differ[0]) if len(differ) else 0
-    raise ValueError(f"{estimator_name}.fit: y disagrees with the dataset's labels at "
+    raise ValueError(f"{caller}: y disagrees with the dataset's labels at "
                      f"{max(len(differ), 1)} of {len(labels)} items (first: item {first}, "
                      f"y={given[first]!r}, dataset={labels[first]!r}); leave y out (y=None) "
                      "to train on the dataset's labels.")

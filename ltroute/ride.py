@@ -24,14 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
 from skorch.dataset import unpack_data
 from skorch.utils import to_tensor
 from torch import nn
 
 from ltroute._base import LongTailNet
 from ltroute._docstring import shared_docs
-from ltroute._validation import split_sample_weight
+from ltroute._inputs import TrainingDataset, check_dataset_y, is_dataset_input
+from ltroute._validation import rolls_back_on_error, split_sample_weight
+from ltroute.calibration import encode_labels
 from ltroute.losses import (
     LogProbNLLLoss,
     cross_entropy,
@@ -231,11 +235,12 @@ class RIDEClassifier(LongTailNet):
         Weight ``omega_p`` of the positive ("add an expert") targets in the router's
         binary cross-entropy, the accuracy/compute knob (RIDE uses 100).
 
-    router_margin : bool, default=True
+    router_margin : bool or float, default=True
         Router targets with margins (not in the official code): a prefix of experts
-        counts as right only when its mean logits are right by the label's LDAM margin
-        ``head_scale * m_y`` (``m_y`` as for ``loss="ldam"``, from ``ldam_max_margin``).
-        ``False`` gives the official targets (plain argmax), with which the router
+        counts as right only when its mean logits are right by ``router_margin`` times
+        the label's LDAM margin ``head_scale * m_y`` (``m_y`` as for ``loss="ldam"``,
+        from ``ldam_max_margin``); ``True`` is 1. ``False`` (or 0) gives the official
+        targets (plain argmax), with which the router
         stops after the first expert on data the experts fit (see Notes); the default
         was chosen on validation splits (``benchmarks/results/router_margin_validation.md``)
         of data trained without augmentation. With augmentation (CIFAR-10-LT, the
@@ -394,7 +399,7 @@ class RIDEClassifier(LongTailNet):
         "router_epochs": [Interval(Integral, 1, None, closed="left")],
         "router_threshold": [Interval(Real, 0, 1, closed="both")],
         "router_pos_weight": [Interval(Real, 0, None, closed="neither")],
-        "router_margin": ["boolean"],
+        "router_margin": ["boolean", Interval(Real, 0, None, closed="left")],
         "router_top_k": [Interval(Integral, 1, None, closed="left")],
         "router_lr": [Interval(Real, 0, None, closed="neither")],
         "router_batch_size": [Interval(Integral, 1, None, closed="left")],
@@ -490,6 +495,73 @@ class RIDEClassifier(LongTailNet):
         """
         return self._fused_outputs(X)[2].gt(0).sum(dim=1).numpy()
 
+    @rolls_back_on_error
+    def fit_router(self, X, y=None) -> RIDEClassifier:
+        """Train the router (stage 2) again on the fitted experts; stage 1 is unchanged.
+
+        The official code trains its expert-assignment module as a separate run from a
+        stage-1 checkpoint; this is that run. It trains a new router, as ``fit`` does
+        after stage 1 (the class-balanced training stream, the ``augmentation``, the
+        current ``router_*`` parameters), on the labelled data given: the training data
+        again after changing ``router_margin``, ``router_pos_weight`` or
+        ``router_epochs``, or a network fitted with ``router=False`` (set
+        ``router=True`` first). The network, the normalisation statistics and the class
+        counts (LDAM margins) stay those of ``fit``. Seeded by ``random_state``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features) or (n_samples, C, H, W), or Dataset
+            Same kind of input as in ``fit``.
+        y : array-like of shape (n_samples,), optional
+            Labels, all classes of the fitted estimator; may be omitted for a dataset of
+            ``(image, label)`` items.
+
+        Returns
+        -------
+        self : RIDEClassifier
+            With ``router_module_``, ``router_losses_``, ``macs_``, ``expert_usage_``
+            and ``relative_macs_`` (on ``X``) replaced.
+
+        Raises
+        ------
+        ValueError
+            When ``router=False``, the network has one expert, ``y`` has labels that are
+            not classes or another length than ``X``, or ``X`` is an input ``fit``
+            rejects. Nothing is changed then.
+        """
+        check_is_fitted(self, ["module_", "classes_"])
+        self._check_params()
+        name = type(self).__name__
+        if not self.router or self.module_.n_experts == 1:
+            raise ValueError(f"{name}.fit_router needs router=True and a network of "
+                             f"several experts; got router={self.router!r} and "
+                             f"{self.module_.n_experts} expert(s).")
+        if is_dataset_input(X):
+            inputs = self._validate_predict_data(X)  # the fitted sample shape
+            caller = f"{name}.fit_router"
+            codes = encode_labels(check_dataset_y(X, y, caller), self.classes_, caller)
+            inputs = TrainingDataset(X, codes, self.input_shape_,
+                                     normalization=self._normalization())
+        else:
+            if y is None:
+                raise ValueError(f"{name}.fit_router needs y (the true labels) unless X is "
+                                 "a dataset of (image, label) items.")
+            inputs = self._validate_predict_data(X)
+            codes = encode_labels(y, self.classes_, f"{name}.fit_router")
+        if len(codes) != len(inputs):
+            raise ValueError(f"{name}.fit_router: X has {len(inputs)} samples but y has "
+                             f"{len(codes)} labels.")
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        with self._runtime(seed=seed):
+            router = self._new_router().to(self.device)
+            losses = self._train_router(router, inputs, codes)
+            with self._current_init_context("module"):  # skorch's guard on modules
+                self.router_module_ = router
+            self.router_losses_ = losses
+            self.macs_ = self._count_macs()  # with this router's heads
+            self._record_usage(self.forward(inputs, training=False)[2].gt(0).sum(dim=1))
+        return self
+
     # ------------------------------------------------------------ skorch hooks
     #: The official schedule: 5 warm-up epochs, lr x0.01 at 80 % and 90 % (SGD 0.1).
     _lr_warmup_epochs = 5
@@ -506,16 +578,18 @@ class RIDEClassifier(LongTailNet):
         """Build the network, then the router (``router_module_``) when it is used."""
         super().initialize_module()
         self.router_losses_ = None
-        if self.router and self.n_experts > 1:
-            kwargs = {
-                "in_features": self.module_.feature_dim,
-                "n_decisions": self.n_experts - 1,
-                "top_k": min(int(self.router_top_k), len(self.classes_)),
-            } | self.get_params_for("router_module")
-            self.router_module_ = RIDERouter(**kwargs)
-        else:
-            self.router_module_ = None
+        self.router_module_ = (self._new_router() if self.router and self.n_experts > 1
+                               else None)
         return self
+
+    def _new_router(self) -> RIDERouter:
+        """An untrained router for the network ``module_`` (``router_module__*`` passed on)."""
+        kwargs = {
+            "in_features": self.module_.feature_dim,
+            "n_decisions": self.module_.n_experts - 1,
+            "top_k": min(int(self.router_top_k), len(self.classes_)),
+        } | self.get_params_for("router_module")
+        return RIDERouter(**kwargs)
 
     def get_all_learnable_params(self):
         """Parameters of stage 1's optimiser: everything but the router (stage 2)."""
@@ -560,7 +634,7 @@ class RIDEClassifier(LongTailNet):
     def _after_training(self, X: np.ndarray, y: np.ndarray) -> None:
         """Stage 2 (router), then the compute counts and usage on the training data."""
         if self.router_module_ is not None:
-            self._fit_router(X, y)
+            self.router_losses_ = self._train_router(self.router_module_, X, y)
         self.macs_ = self._count_macs()
         if self._routing():  # the usage on the training data (X is validated already)
             self._record_usage(self.forward(X, training=False)[2].gt(0).sum(dim=1))
@@ -593,8 +667,9 @@ class RIDEClassifier(LongTailNet):
             base_temperature=self.diversity_temperature, reweight_factor=self.reweight_factor)
 
     # ------------------------------------------------------------- stage 2
-    def _fit_router(self, X, y: np.ndarray) -> None:
-        """Train ``router_module_`` on the frozen experts (the official EA stage).
+    def _train_router(self, router: RIDERouter, X, y: np.ndarray) -> np.ndarray:
+        """Train ``router`` on the frozen experts (the official EA stage); return the mean
+        weighted BCE of each epoch.
 
         As the official code, stage 2 reads the *training stream*: batches of
         ``router_batch_size`` drawn by the class-balanced sampler and collated by the
@@ -616,7 +691,6 @@ class RIDEClassifier(LongTailNet):
                          .items() if key not in ("batch_size", "shuffle", "sampler",
                                                  "batch_sampler", "drop_last")}
         dataset = self.get_dataset(X, y)
-        router = self.router_module_
         optimizer = RIDESGD(router.parameters(), lr=self.router_lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
                                                                T_max=self.router_epochs)
@@ -630,7 +704,7 @@ class RIDEClassifier(LongTailNet):
             total = 0.0
             for batch in loader:
                 Xb, yb = unpack_data(batch)
-                scores, targets = self._router_batch(split_sample_weight(Xb)[0], yb)
+                scores, targets = self._router_batch(router, split_sample_weight(Xb)[0], yb)
                 loss = router_loss(scores, targets, pos_weight=self.router_pos_weight)
                 optimizer.zero_grad()
                 loss.backward()
@@ -642,14 +716,14 @@ class RIDEClassifier(LongTailNet):
                 print(f"router epoch {len(losses)}/{self.router_epochs}: "
                       f"weighted BCE {losses[-1]:.4f}")
         router.eval()
-        self.router_losses_ = np.asarray(losses)
+        return np.asarray(losses)
 
-    def _router_batch(self, X, y) -> tuple[torch.Tensor, torch.Tensor]:
+    def _router_batch(self, router: RIDERouter, X, y) -> tuple[torch.Tensor, torch.Tensor]:
         """Router logits (B, K - 1), with gradients for the router only, and targets
         (B, K - 1) of one stage-2 batch: every expert runs on every sample with the
         network frozen (BatchNorm in eval mode), decision ``i`` reads expert ``i``'s
         features and the mean logits of experts ``0..i``."""
-        net, router = self.module_, self.router_module_
+        net = self.module_
         self._set_training(False)  # frozen network, BatchNorm in eval mode
         router.train()
         with torch.no_grad():
@@ -658,7 +732,7 @@ class RIDEClassifier(LongTailNet):
                                     for k in range(net.n_experts)], dim=1)
             logits = torch.stack([net.expert_logits(features[:, k], k)
                                   for k in range(net.n_experts)], dim=1)
-            margins = (self.head_scale * self._count_statistic(
+            margins = (float(self.router_margin) * self.head_scale * self._count_statistic(
                 ldam_margins, logits.device, max_margin=self.ldam_max_margin)
                 if self.router_margin else None)
             targets = router_targets(logits, to_tensor(y, device=self.device).long(),

@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
 from accuracy import validation_split  # noqa: E402
 from recipe_search import table  # noqa: E402
+from router_search import table as router_table  # noqa: E402
 
 
 def _data(n=240, n_features=6, seed=0):
@@ -82,3 +83,19 @@ def test_search_table_marks_the_best_mean_over_methods_not_one_methods_best():
     lines = table(runs, "letter", ["m1", "m2"], ["own", "a", "b"])
     assert lines[-1] == "Shared recipe chosen for letter-LT: **`b`**."  # "own" never chosen
     assert "**90.0 ± 0.0**" in lines[2] and "**70.0 ± 0.0**" in lines[3]
+
+
+def test_router_table_compares_each_margin_with_all_experts_per_seed():
+    # Two seeds, all experts 80 / 90; margin 1 is best on average, margin 0 cheapest.
+    runs = [{"dataset": "mnist", "seed": seed, "margin": margin, "val_all_experts": full,
+             "val_balanced_acc": acc, "experts": experts, "train_experts": 1.0}
+            for seed, full, rows in [(0, 0.80, [(0, 0.79, 1.0), (1, 0.80, 1.4)]),
+                                     (1, 0.90, [(0, 0.88, 1.0), (1, 0.90, 1.6)])]
+            for margin, acc, experts in rows]
+    lines = router_table(runs, "mnist")
+    assert lines[0] == "Seeds [0, 1]; all experts (no router): 85.0 ± 5.0."
+    official, margin = lines[4], lines[5]
+    assert official.startswith("| 0 (official) | 83.5 ± 4.5 | -1.5 | 1.00 (1.00 / 1.00) |")
+    assert official.endswith("| 0 of 2 |")  # 1 and 2 points below all experts
+    assert margin.startswith("| 1 | **85.0 ± 5.0** | +0.0 | 1.50 (1.40 / 1.60) |")
+    assert margin.endswith("| 1 of 2 |")  # seed 1 routes more than 1.5 experts

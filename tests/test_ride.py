@@ -227,6 +227,28 @@ def test_router_targets_with_margins_on_a_hand_built_batch():
     assert router_targets(logits, target).tolist() == [[False, False]] * 3 + [[True, True]]
 
 
+@pytest.mark.parametrize("scale", [False, 0.0, True, 1.0, 2.5])
+def test_router_margin_scales_the_ldam_margins_of_the_targets(fitted, data, scale):
+    """router_margin=s uses s * head_scale * m_y (True: 1; False and 0: the official
+    targets), on the fitted network's stage-2 batch."""
+    X, y, _, _ = data
+    clf = pickle.loads(pickle.dumps(fitted)).set_params(router_margin=scale)
+    rows = np.random.RandomState(0).choice(len(y), 512, replace=False)
+    x = torch.as_tensor(X[rows], dtype=torch.float32)
+    target = torch.as_tensor(np.searchsorted(clf.classes_, y[rows]))
+    with torch.no_grad():
+        features = clf.module_.shared(x)
+        logits = torch.stack([clf.module_.expert_logits(clf.module_.expert_features(
+            features, k), k) for k in range(3)], dim=1)
+    margins = float(scale) * 30.0 * ldam_margins(torch.as_tensor(clf.class_counts_),
+                                                 max_margin=0.5)
+    _, targets = clf._router_batch(clf.router_module_, x, target)
+    assert torch.equal(targets, router_targets(logits, target, margins=margins))
+    if scale == 2.5:  # wider margins: more "add an expert" targets
+        clf.set_params(router_margin=1.0)
+        assert targets.sum() > clf._router_batch(clf.router_module_, x, target)[1].sum()
+
+
 def test_router_loss_weights_positive_targets():
     scores, targets = torch.tensor([[0.0, 0.0]]), torch.tensor([[True, False]])
     assert router_loss(scores, targets, pos_weight=100.0).item() == pytest.approx(
@@ -371,7 +393,7 @@ def test_stage_two_loss_and_gradients_match_the_official_code(backbone):
                          router_top_k=5, hidden_sizes=(32,), expert_hidden_sizes=(16,),
                          router_margin=False, device="cpu", random_state=0).fit(X, y)
     x, target = torch.as_tensor(X), torch.as_tensor(y)
-    scores, targets = clf._router_batch(x, target)
+    scores, targets = clf._router_batch(clf.router_module_, x, target)
     ours = router_loss(scores, targets, pos_weight=100.0)
     grads = torch.autograd.grad(ours, list(clf.router_module_.parameters()))
     assert 0 < targets.float().mean() < 1  # both kinds of targets occur
@@ -451,6 +473,93 @@ def test_set_params_after_fit_changes_routing_without_refitting(fitted, data):
     fewer = clf.set_params(router_threshold=0.95).route(X_test).mean()
     assert more >= fewer
     assert all(torch.equal(a, b) for a, b in zip(weights, clf.module_.parameters(), strict=True))
+
+
+def _router_state(clf) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in clf.router_module_.parameters()]
+
+
+def test_fit_router_retrains_stage_two_only_reproducibly(fitted, data):
+    """fit_router replaces the router (a new module, trained with the current router_*
+    parameters), keeps every stage-1 weight and buffer, and is seeded by random_state."""
+    X, y, X_test, _ = data
+    clf = pickle.loads(pickle.dumps(fitted))
+    network = {k: v.clone() for k, v in clf.module_.state_dict().items()}
+    old_router = clf.router_module_
+    clf.set_params(router_pos_weight=1e-2, router_epochs=2).fit_router(X, y)
+    assert clf.router_module_ is not old_router and clf.router_losses_.shape == (2,)
+    for key, value in clf.module_.state_dict().items():
+        assert torch.equal(value, network[key]), key
+    stopping = _router_state(clf)
+    # Positive targets weigh 1e-2: "add an expert" never outweighs "stop".
+    assert clf.expert_usage_ == 1.0 and (clf.route(X_test) == 1).all()
+    clf.set_params(router_pos_weight=1e4).fit_router(X, y)
+    assert clf.expert_usage_ > 1.0 and clf.route(X_test).mean() > 1.0
+    clf.set_params(router_pos_weight=1e-2).fit_router(X, y)
+    for a, b in zip(_router_state(clf), stopping, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fit_router_after_a_fit_without_router(data):
+    """The official two-stage workflow: stage 1 with router=False, then the router."""
+    X, y, X_test, _ = data
+    clf = RIDEClassifier(**FAST | {"router": False}).fit(X, y)
+    assert clf.router_module_ is None and (clf.route(X_test) == 3).all()
+    probs_all = clf.predict_proba(X_test)
+    clf.set_params(router=True).fit_router(X, y)
+    routed = clf.route(X_test)
+    assert set(np.unique(routed)) <= {1, 2, 3} and clf.router_losses_.shape == (3,)
+    restored = pickle.loads(pickle.dumps(clf))
+    np.testing.assert_array_equal(restored.route(X_test), routed)
+    # With every sample routed to all experts, the prediction is the one without router.
+    np.testing.assert_allclose(clf.set_params(router_threshold=0.0).predict_proba(X_test),
+                               probs_all, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_router_from_a_dataset_equals_from_arrays():
+    """A dataset of (image, label) items trains the same router as the arrays."""
+    rng = np.random.RandomState(0)
+    X = rng.rand(48, 3, 8, 8).astype(np.float32)
+    y = np.repeat([3, 5, 7], [30, 12, 6])
+    clf = RIDEClassifier(backbone="convnet", max_epochs=1, batch_size=16, router_epochs=2,
+                         router_batch_size=16, normalize="auto", random_state=0,
+                         device="cpu").fit(X, y)
+    from_arrays = _router_state(clf.fit_router(X, y))
+    dataset = torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y))
+    from_dataset = _router_state(clf.fit_router(dataset))
+    for a, b in zip(from_dataset, from_arrays, strict=True):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("change, call, error, match", [
+    ({"router": False}, lambda X, y: (X, y), ValueError, "router=True"),
+    ({}, lambda X, y: (X, np.where(y == y[0], "?", y)), ValueError, "not classes"),
+    ({}, lambda X, y: (X, y[:-1]), ValueError, "labels"),
+    ({}, lambda X, y: (X[:, :5], y), ValueError, "features"),
+    ({}, lambda X, y: (X, None), ValueError, "needs y"),
+    ({"router_margin": "yes"}, lambda X, y: (X, y), ValueError, "router_margin"),
+])
+def test_fit_router_rejects_bad_calls_and_changes_nothing(fitted, data, change, call,
+                                                          error, match):
+    X, y, X_test, _ = data
+    clf = pickle.loads(pickle.dumps(fitted)).set_params(**change)
+    router, losses, state = clf.router_module_, clf.router_losses_, _router_state(clf)
+    with pytest.raises(error, match=match):
+        clf.fit_router(*call(X, y))
+    assert clf.router_module_ is router and clf.router_losses_ is losses
+    for a, b in zip(_router_state(clf), state, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fit_router_needs_a_fitted_network_of_several_experts(data):
+    from sklearn.exceptions import NotFittedError
+
+    X, y, _, _ = data
+    with pytest.raises(NotFittedError):
+        RIDEClassifier(**FAST).fit_router(X, y)
+    single = RIDEClassifier(**FAST | {"n_experts": 1, "max_epochs": 1}).fit(X, y)
+    with pytest.raises(ValueError, match="1 expert"):
+        single.fit_router(X, y)
 
 
 def test_pipeline_and_grid_search_with_a_few_shot_scorer(small_letter):
@@ -541,12 +650,12 @@ def test_router_trains_on_the_augmented_normalised_stream(monkeypatch):
     X = rng.rand(60, 3, 8, 8).astype(np.float32) * 4 + 2  # far from mean 0, std 1
     y = np.repeat([0, 1, 2], [36, 16, 8])
     in_stage_two, seen = [], []
-    fit_router, shared = RIDEClassifier._fit_router, ExpertNet.shared
+    train_router, shared = RIDEClassifier._train_router, ExpertNet.shared
 
-    def spy_fit_router(self, *args):
+    def spy_train_router(self, *args):
         in_stage_two.append(True)
         try:
-            return fit_router(self, *args)
+            return train_router(self, *args)
         finally:
             in_stage_two.clear()
 
@@ -555,7 +664,7 @@ def test_router_trains_on_the_augmented_normalised_stream(monkeypatch):
             seen.append(x.detach().clone())
         return shared(self, x)
 
-    monkeypatch.setattr(RIDEClassifier, "_fit_router", spy_fit_router)
+    monkeypatch.setattr(RIDEClassifier, "_train_router", spy_train_router)
     monkeypatch.setattr(ExpertNet, "shared", spy_shared)
     clf = RIDEClassifier(backbone="convnet", max_epochs=1, batch_size=32, router_epochs=2,
                          router_batch_size=32, normalize="auto", augmentation="cifar",
