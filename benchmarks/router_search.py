@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
              "router. Bold: the best mean. torch CPU threads: "
              f"{torch.get_num_threads()}. Every run is in `benchmarks/results/{name}.csv`."
              "\n")
+    if args.merge:
+        text += ("\nRendered without fitting from the runs of "
+                 + ", ".join(f"`{part}`" for part in args.merge)
+                 + " (one job each, run side by side; their fragments name the commit).\n")
     for dataset in dict.fromkeys(run["dataset"] for run in runs):
         text += f"\n### {DATASETS[dataset][0]}\n\n" + "\n".join(table(runs, dataset)) + "\n"
     path = write_fragment(name, text)
