@@ -98,10 +98,11 @@ def table(runs: list[dict], dataset: str) -> list[str]:
         acc = 100 * values(margin, "val_balanced_acc")
         experts = values(margin, "experts")
         gap = acc - all_experts
+        mean_gap = round(gap.mean(), 1) + 0.0  # no "-0.0"
         goal = int(np.sum((gap >= -TOLERANCE) & (experts <= 1.5)))
         cell = f"{acc.mean():.1f} ± {acc.std():.1f}"
         lines.append(f"| {margin:g}{' (official)' if margin == 0 else ''} | "
-                     f"{f'**{cell}**' if margin == best else cell} | {gap.mean():+.1f} | "
+                     f"{f'**{cell}**' if margin == best else cell} | {mean_gap:+.1f} | "
                      f"{experts.mean():.2f} ({' / '.join(f'{e:.2f}' for e in experts)}) | "
                      f"{values(margin, 'train_experts').mean():.2f} | {goal} of "
                      f"{len(acc)} |")
