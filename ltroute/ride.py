@@ -545,7 +545,7 @@ class RIDEClassifier(LongTailNet):
                              f"several experts; got router={self.router!r} and "
                              f"{self.module_.n_experts} expert(s).")
         if is_dataset_input(X):
-            inputs = self._validate_predict_data(X)  # the fitted sample shape
+            self._validate_predict_data(X)  # a clear error for another sample shape
             caller = f"{name}.fit_router"
             codes = encode_labels(check_dataset_y(X, y, caller), self.classes_, caller)
             inputs = TrainingDataset(X, codes, self.input_shape_,
