@@ -1010,12 +1010,7 @@ class LongTailNet(NeuralNetClassifier):
         if not isinstance(method, str) or method not in ("temperature", "bcts"):
             raise ValueError(f"{name}.calibrate: method must be 'temperature' or 'bcts'; "
                              f"got {method!r}.")
-        if y is None:
-            y = dataset_labels(X) if is_dataset_input(X) else None
-            if y is None:
-                raise ValueError(f"{name}.calibrate needs y (the true labels) unless X is "
-                                 "a dataset of (image, label) items.")
-        codes = encode_labels(y, self.classes_, f"{name}.calibrate")
+        codes = self._encode_given_labels(X, y, f"{name}.calibrate")
         log_probs = as_log_proba(self._fused_outputs(X)[0].numpy())
         if len(log_probs) != len(codes):
             raise ValueError(f"{name}.calibrate: X has {len(log_probs)} samples but y has "
@@ -1024,6 +1019,18 @@ class LongTailNet(NeuralNetClassifier):
         temperature, biases = fit_under_prior(log_probs, codes, uniform, bias=method == "bcts")
         self.calibration_temperature_, self.calibration_biases_ = temperature, biases
         return self
+
+    def _encode_given_labels(self, X, y, caller: str) -> np.ndarray:
+        """Codes of the labels of fitted data given to a method after ``fit``
+        (``calibrate``, ``fit_router``): ``y``, or a dataset's labels, which a given ``y``
+        must agree with; a ``ValueError`` naming ``caller`` for a missing ``y`` or
+        labels that are not classes."""
+        if is_dataset_input(X):
+            y = check_dataset_y(X, y, caller)
+        elif y is None:
+            raise ValueError(f"{caller} needs y (the true labels) unless X is a dataset of "
+                             "(image, label) items.")
+        return encode_labels(y, self.classes_, caller)
 
     # ------------------------------------------------------------- plumbing
     @property

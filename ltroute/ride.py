@@ -33,9 +33,8 @@ from torch import nn
 
 from ltroute._base import LongTailNet
 from ltroute._docstring import shared_docs
-from ltroute._inputs import TrainingDataset, check_dataset_y, is_dataset_input
+from ltroute._inputs import TrainingDataset, is_dataset_input
 from ltroute._validation import rolls_back_on_error, split_sample_weight
-from ltroute.calibration import encode_labels
 from ltroute.losses import (
     LogProbNLLLoss,
     cross_entropy,
@@ -544,18 +543,11 @@ class RIDEClassifier(LongTailNet):
             raise ValueError(f"{name}.fit_router needs router=True and a network of "
                              f"several experts; got router={self.router!r} and "
                              f"{self.module_.n_experts} expert(s).")
-        if is_dataset_input(X):
-            self._validate_predict_data(X)  # a clear error for another sample shape
-            caller = f"{name}.fit_router"
-            codes = encode_labels(check_dataset_y(X, y, caller), self.classes_, caller)
+        inputs = self._validate_predict_data(X)  # the fitted sample shape, normalised
+        codes = self._encode_given_labels(X, y, f"{name}.fit_router")
+        if is_dataset_input(X):  # training items: (image, encoded label)
             inputs = TrainingDataset(X, codes, self.input_shape_,
                                      normalization=self._normalization())
-        else:
-            if y is None:
-                raise ValueError(f"{name}.fit_router needs y (the true labels) unless X is "
-                                 "a dataset of (image, label) items.")
-            inputs = self._validate_predict_data(X)
-            codes = encode_labels(y, self.classes_, f"{name}.fit_router")
         if len(codes) != len(inputs):
             raise ValueError(f"{name}.fit_router: X has {len(inputs)} samples but y has "
                              f"{len(codes)} labels.")
