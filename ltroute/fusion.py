@@ -9,7 +9,8 @@ One contract serves every estimator (see ``fuse_experts``):
   ``combine="logit"``: ``P = softmax_c(sum_k W[b, k] * M[k, c] * Z[b, k, c])`` (RIDE).
 
 This module holds the PyTorch reference implementation (the CPU path and the oracle
-for the Triton kernel), the ``torch.autograd.Function`` around the Triton kernels of
+for the Triton kernel; without masks and gradients, equal weights with
+``combine="logit"`` take a shorter path to the same values), the ``torch.autograd.Function`` around the Triton kernels of
 ``ltroute.kernels.fusion`` and the ``fuse_experts`` dispatcher. Triton is imported lazily,
 only when the Triton backend runs, so this module imports without it.
 """
@@ -143,6 +144,28 @@ def fuse_experts_reference(
     log_probs = log_probs.masked_fill(_poisoned_rows(z, contributes), float("nan"))
     probs = torch.exp(log_probs)
     return FusionResult(probs, energy, weights, log_probs if return_log_probs else None)
+
+
+def _fuse_mean_logits(Z: torch.Tensor, energy_temperature: float,
+                      return_log_probs: bool) -> FusionResult:
+    """:func:`fuse_experts_reference` for equal weights over every expert, every class
+    and ``combine="logit"`` (RIDE's and the single-expert estimators' prediction),
+    without gradients: the same values (``NaN`` rows, ``-inf`` logits included) from a
+    handful of operations instead of the masked general path, whose per-call cost a
+    small network's inference and training steps notice on the CPU."""
+    compute_dtype = torch.float64 if Z.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        z = Z.to(compute_dtype)
+        n_samples, n_experts, _ = z.shape
+        energy = -energy_temperature * torch.logsumexp(z / energy_temperature, dim=2)
+        # A mean of logits: -inf stays -inf; NaN or +inf poison the row (below).
+        log_probs = torch.log_softmax(z.mean(dim=1), dim=1)
+        poisoned = (torch.isnan(z) | (z == torch.inf)).flatten(1).any(dim=1, keepdim=True)
+        log_probs = log_probs.masked_fill(poisoned, float("nan"))
+        weights = torch.full((n_samples, n_experts), 1.0 / n_experts, dtype=compute_dtype,
+                             device=z.device)
+        return FusionResult(torch.exp(log_probs), energy, weights,
+                            log_probs if return_log_probs else None)
 
 
 def _triton_installed() -> bool:
@@ -357,7 +380,10 @@ def fuse_experts(
         (float16, bfloat16 or float32 ``Z`` on a CUDA device; on the CPU only under the
         Triton interpreter, ``TRITON_INTERPRET=1``, which is slow and meant for tests).
         ``"auto"`` picks Triton for CUDA tensors of those dtypes when Triton is installed,
-        and the reference otherwise (CPU, float64).
+        and the reference otherwise (CPU, float64). The reference computes
+        ``weighting="uniform", combine="logit"`` without masks, when no gradient is
+        needed (prediction), as the softmax of the mean logit: the same values from a
+        few operations.
     check_masks : bool, default=True
         Check that no region is empty and every sample has an active expert. These two
         checks read the masks on the host (one synchronisation on CUDA); pass ``False``
@@ -405,6 +431,9 @@ def fuse_experts(
         return _fuse_experts_triton(Z, region_mask, sample_mask, weighting, combine,
                                     float(energy_temperature), float(routing_temperature),
                                     bool(return_log_probs))
+    if (weighting == "uniform" and combine == "logit" and region_mask is None
+            and sample_mask is None and not (Z.requires_grad and torch.is_grad_enabled())):
+        return _fuse_mean_logits(Z, float(energy_temperature), bool(return_log_probs))
     return fuse_experts_reference(
         Z,
         region_mask=region_mask,

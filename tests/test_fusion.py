@@ -191,6 +191,37 @@ def test_nan_and_inf_logits_never_become_probabilities(weighting, combine):
     assert_close(out.probs[3:5], ref.probs[3:5])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("energy_temperature", [1.0, 2.5])
+def test_mean_logit_shortcut_equals_the_reference(dtype, energy_temperature):
+    """Equal weights over every expert and class without gradients (RIDE's and the
+    single-expert estimators' prediction) take a shortcut: the reference's values,
+    non-finite logits included, and the reference's autograd path when a gradient is
+    needed."""
+    from ltroute.fusion import fuse_experts_reference
+
+    Z, _, _ = nonfinite_case()
+    Z = torch.cat([Z, torch.randn(3, 3, 5) * 30, torch.full((1, 3, 5), -torch.inf)])
+    Z = Z.to(dtype)
+    options = dict(weighting="uniform", combine="logit", return_log_probs=True,
+                   energy_temperature=energy_temperature)
+    # NaN rows: a NaN or +inf logit in any expert (rows 0-4 of nonfinite_case), in the
+    # first expert (rows 1, 2, 4), and every logit -inf (the last row).
+    for z, nan_rows in ((Z, [0, 1, 2, 3, 4, 10]), (Z[:, :1], [1, 2, 4, 10])):
+        expected = fuse_experts_reference(z, **options)
+        with torch.no_grad():
+            out = fuse_experts(z, **options)
+        for got, want in zip(out, expected, strict=True):
+            assert got.dtype == want.dtype
+            assert_close(got, want, equal_nan=True)
+        assert torch.isnan(out.probs).any(dim=1).nonzero().flatten().tolist() == nan_rows
+    # A gradient needed: the reference's graph, whatever the grad mode of the caller.
+    leaf = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    out = fuse_experts(leaf, **options)
+    assert out.probs.grad_fn is not None
+    torch.autograd.grad(out.log_probs[:, 0].sum(), leaf)
+
+
 def test_gradients_match_naive_autograd_and_stay_finite_with_uncovered_classes():
     g = torch.Generator().manual_seed(3)
     Z = torch.randn(4, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
