@@ -9,6 +9,12 @@ unchanged. Each router is scored on the other 20 %: balanced accuracy (the mean 
 per-class recalls, what the balanced test split measures) and experts per sample, beside
 the same network with all experts. The test split is never read.
 
+``--folds K`` validates every training sample once instead: per seed, a stratified K-fold
+split of the training split (seeded); for each fold stage 1 is fitted on the other folds
+and the routers trained there predict the held-out fold; balanced accuracy and experts
+per sample are computed over the pooled out-of-fold predictions, so a class with five
+training samples is judged on all five rather than on one (K fits per seed).
+
 Writes ``benchmarks/results/<name>.md`` (+ ``.csv``) and refreshes RESULTS.md. Seeds can
 run as separate jobs (``--name router_search_cifar10_s0`` ...) and be rendered together
 with ``--merge NAME ...`` (no fitting).
@@ -17,6 +23,7 @@ Usage::
 
     python benchmarks/router_search.py --datasets letter mnist --seeds 0 1 2 --threads 1
     python benchmarks/router_search.py --datasets cifar10 --cifar-root ROOT --epochs 15
+    python benchmarks/router_search.py --datasets letter mnist --folds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,33 +54,63 @@ from ltroute._registry import make_estimator  # noqa: E402
 TOLERANCE = 0.3
 
 
+def validation_parts(y: np.ndarray, *, seed: int, folds: int | None) -> list[np.ndarray]:
+    """Boolean validation masks over the training labels ``y``: the one 80 / 20 split of
+    ``accuracy.validation_split`` (``folds=None``), or the ``folds`` held-out folds of a
+    stratified K-fold split (seeded), which cover every sample exactly once."""
+    if folds is None:
+        return [validation_split(y, seed=seed)]
+    masks = []
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for _, held_out in splitter.split(np.zeros((len(y), 1)), y):
+        mask = np.zeros(len(y), dtype=bool)
+        mask[held_out] = True
+        masks.append(mask)
+    return masks
+
+
 def search(dataset: str, seed: int, args: argparse.Namespace) -> list[dict]:
-    """One stage-1 fit on the 80 % part, then one router per margin; a run per margin."""
+    """Per validation part, one stage-1 fit on the rest, then one router per margin; a
+    run per margin, scored over the pooled validation predictions of every part."""
     data = load(dataset, seed, args)
-    val = validation_split(data.y_train, seed=seed)
-    X_fit, y_fit = data.X_train[~val], data.y_train[~val]
-    X_val, y_val = data.X_train[val], data.y_train[val]
-    clf = make_estimator("ride", max_epochs=args.epochs, random_state=seed)
-    clf.set_params(**data.settings, router=False)
-    start = time.perf_counter()
-    clf.fit(X_fit, y_fit)
-    fit_s = time.perf_counter() - start
-    all_experts = balanced_accuracy_score(y_val, clf.predict(X_val))
-    runs = []
-    for margin in args.margins:
+    parts = validation_parts(data.y_train, seed=seed, folds=args.folds)
+    y_val, all_experts, fit_s = [], [], 0.0
+    routed = {margin: {"pred": [], "used": [], "train_experts": [], "router_s": 0.0}
+              for margin in args.margins}
+    for part, val in enumerate(parts, start=1):
+        X_fit, y_fit = data.X_train[~val], data.y_train[~val]
+        X_val = data.X_train[val]
+        clf = make_estimator("ride", max_epochs=args.epochs, random_state=seed)
+        clf.set_params(**data.settings, router=False)
         start = time.perf_counter()
-        clf.set_params(router=True, router_margin=margin).fit_router(X_fit, y_fit)
-        router_s = time.perf_counter() - start
-        train_experts = clf.expert_usage_  # on X_fit, before ``route`` replaces it
-        used = clf.route(X_val)
+        clf.fit(X_fit, y_fit)
+        fit_s += time.perf_counter() - start
+        y_val.append(data.y_train[val])
+        all_experts.append(clf.predict(X_val))
+        for margin in args.margins:
+            start = time.perf_counter()
+            clf.set_params(router=True, router_margin=margin).fit_router(X_fit, y_fit)
+            result = routed[margin]
+            result["router_s"] += time.perf_counter() - start
+            result["train_experts"].append(clf.expert_usage_)  # before route replaces it
+            result["used"].append(clf.route(X_val))
+            result["pred"].append(clf.predict(X_val))
+            print(f"{DATASETS[dataset][0]} seed {seed} part {part}/{len(parts)} margin "
+                  f"{margin:g}: {result['used'][-1].mean():.2f} experts", flush=True)
+    y_val = np.concatenate(y_val)
+    all_experts = balanced_accuracy_score(y_val, np.concatenate(all_experts))
+    runs = []
+    for margin, result in routed.items():
         runs.append({"dataset": dataset, "seed": seed, "margin": margin,
-                     "val_balanced_acc": balanced_accuracy_score(y_val, clf.predict(X_val)),
-                     "experts": float(used.mean()), "val_all_experts": all_experts,
-                     "train_experts": train_experts, "fit_s": fit_s,
-                     "router_s": router_s})
+                     "val_balanced_acc": balanced_accuracy_score(
+                         y_val, np.concatenate(result["pred"])),
+                     "experts": float(np.concatenate(result["used"]).mean()),
+                     "val_all_experts": all_experts,
+                     "train_experts": float(np.mean(result["train_experts"])),
+                     "fit_s": fit_s, "router_s": result["router_s"]})
         print(f"{DATASETS[dataset][0]} seed {seed} margin {margin:g}: val "
               f"{100 * runs[-1]['val_balanced_acc']:.1f} (all experts {100 * all_experts:.1f})"
-              f" at {runs[-1]['experts']:.2f} experts ({router_s:.0f} s)", flush=True)
+              f" at {runs[-1]['experts']:.2f} experts", flush=True)
     return runs
 
 
@@ -122,7 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                         help="render the runs stored under these names (no fitting)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--folds", type=int, default=None,
+                        help="stratified K-fold validation over the whole training split "
+                             "(K fits per seed) instead of one 80 / 20 split")
     args = parser.parse_args(argv)
+    if args.folds is not None and args.folds < 2:
+        parser.error("--folds needs at least 2 folds")
     if "cifar10" in args.datasets and args.cifar_root is None and args.merge is None:
         parser.error("--datasets cifar10 needs --cifar-root")
     if args.threads is not None:
@@ -137,12 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     write_runs_csv(name, runs)
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header("RIDE router targets (validation split)", argv_used)
+    validation = (
+        "fitted once per seed with `router=False` on 80 % of the long-tailed training "
+        "split (stratified, seeded); `fit_router` then trains one router per "
+        "`router_margin` on the same 80 % (0: the official targets). Balanced accuracy "
+        "(%) and experts per sample on the other 20 %" if args.folds is None else
+        f"fitted with `router=False` once per fold of a stratified {args.folds}-fold "
+        "split of the long-tailed training split (seeded), on the other folds; "
+        "`fit_router` then trains one router per `router_margin` on the same folds (0: "
+        "the official targets) and predicts the held-out fold. Balanced accuracy (%) and "
+        "experts per sample over the pooled out-of-fold predictions (every training "
+        "sample validated once)")
     text += (f"{args.epochs} epochs, RIDE's registered configuration with each data set's "
              "handling (CIFAR-10-LT: crop + flip, normalisation from the training data, "
-             "small ConvNet), fitted once per seed with `router=False` on 80 % of the "
-             "long-tailed training split (stratified, seeded); `fit_router` then trains "
-             "one router per `router_margin` on the same 80 % (0: the official targets). "
-             "Balanced accuracy (%) and experts per sample on the other 20 %; the test "
+             f"small ConvNet), {validation}; the test "
              "split is not used. *− all experts*: against the same network without "
              "router. Bold: the best mean. torch CPU threads: "
              f"{torch.get_num_threads()}. Every run is in `benchmarks/results/{name}.csv`."
