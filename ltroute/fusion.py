@@ -10,8 +10,9 @@ One contract serves every estimator (see ``fuse_experts``):
 
 This module holds the PyTorch reference implementation (the CPU path and the oracle
 for the Triton kernel; without masks and gradients, equal weights with
-``combine="logit"`` take a shorter path to the same values), the ``torch.autograd.Function`` around the Triton kernels of
-``ltroute.kernels.fusion`` and the ``fuse_experts`` dispatcher. Triton is imported lazily,
+``combine="logit"`` take a shorter path to the same values), the
+``torch.autograd.Function`` around the Triton kernels of ``ltroute.kernels.fusion`` and
+the ``fuse_experts`` dispatcher. Triton is imported lazily,
 only when the Triton backend runs, so this module imports without it.
 """
 

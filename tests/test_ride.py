@@ -605,21 +605,23 @@ def test_invalid_parameters_are_reported_at_fit(params, match, data):
 def test_ride_beats_cross_entropy_on_letter_lt(letter):
     """RIDE (defaults, 30 epochs) against one cross-entropy expert (defaults) on letter-LT.
 
-    Measured over seeds 0, 1, 2 (data split and fit; this test is seed 0) with
-    ``python benchmarks/accuracy.py --datasets letter --threads 1`` on the 2-core CI
-    machine kind (``benchmarks/results/accuracy_letter.csv``), accuracy in %:
+    Measured over seeds 0, 1, 2 (data split and fit; this test is seed 0) on the 2-core
+    CI machine kind, accuracy in %:
 
     ========  ===================  ===================  ===============
     seed      RIDE overall / few   CE overall / few     difference
     ========  ===================  ===================  ===============
-    0         82.5 / 63.9          78.9 / 55.7          +3.6 / +8.2
-    1         83.8 / 71.2          79.9 / 60.0          +3.9 / +11.2
+    0         82.5 / 64.4          78.9 / 55.7          +3.6 / +8.7
+    1         83.9 / 71.4          79.9 / 60.0          +4.0 / +11.4
     2         83.6 / 69.1          80.5 / 60.1          +3.1 / +9.0
     ========  ===================  ===================  ===============
 
-    (RIDE: the ``ride-official-router`` runs, the default's official router targets; at
-    2 torch threads seed 0 gives 82.2 against 78.9.) The asserted margins (+2 overall,
-    +5 few-shot) keep 1.1 and 3.2 points of room below the smallest measured difference.
+    (CE: ``python benchmarks/accuracy.py --datasets letter --threads 1``,
+    ``benchmarks/results/accuracy_letter.csv``; RIDE: ``RIDEClassifier(random_state=s)``
+    fitted on ``load_letter_lt(random_state=s)``'s training split at 1 torch thread, with
+    the default router targets, half the LDAM margin, 3 December 2026; at 2 threads seed
+    0 gives 82.6.) The asserted margins (+2 overall, +5
+    few-shot) keep 1.1 and 3.7 points of room below the smallest measured difference.
     """
     X, y, X_test, y_test = letter.X_train, letter.y_train, letter.X_test, letter.y_test
     ride = RIDEClassifier(random_state=0, device="cpu").fit(X, y)
@@ -630,23 +632,25 @@ def test_ride_beats_cross_entropy_on_letter_lt(letter):
     assert ride_acc["few"] >= ce_acc["few"] + 0.05
     # Routing. Measured over seeds 0, 1, 2 at 1 and 2 torch threads, routed minus the
     # same fit with all three experts, in points (experts per sample):
-    # - the default (the official targets): -0.17 / -0.06 / +0.02 (1.02 / 1.38 / 1.22) at
-    #   1 thread, -0.48 / -0.75 / -0.21 (1.00 each) at 2 threads: on clean training data
-    #   the router sits at its decision threshold (see RIDEClassifier's Notes);
-    # - margin targets (router_margin=True, a new router on the same network by
-    #   fit_router): 0.00 on every seed and thread count (1.58-1.67, 0.73-0.75 of the MACs).
-    # Asserted for the seed: fewer than 2 experts and 85 % of the MACs, at most 1 point
-    # below all experts for the default and the issue's 0.3 points with margin targets.
+    # - the default (half the LDAM margin): -0.12 / 0.00 / +0.08 (1.19 / 1.46 / 1.23) at
+    #   1 thread, -0.04 / -0.23 / +0.04 (1.39 / 1.21 / 1.32) at 2 threads;
+    # - the official targets (router_margin=False, a new router on the same network by
+    #   fit_router): -0.19 / -0.04 / 0.00 (1.03 / 1.40 / 1.39) at 1 thread, -0.48 / -0.75
+    #   / -0.25 (1.00 each) at 2 threads: on clean training data that router sits at its
+    #   decision threshold (see RIDEClassifier's Notes).
+    # Asserted for the seed: the issue's goal for the default (at most 1.5 experts per
+    # sample, 0.3 points below all experts; 75 % of the MACs), and at most 1 point below
+    # all experts for the official targets.
     all_experts = pickle.loads(pickle.dumps(ride)).set_params(router=False)
     full = group_accuracy(y_test, all_experts.predict(X_test),
                           class_counts=letter.class_counts)["overall"]
-    assert ride.route(X_test).mean() < 2.0 and ride.relative_macs_ < 0.85
-    assert ride_acc["overall"] >= full - 0.01
-    margins = ride.set_params(router_margin=True).fit_router(X, y)
-    margin_acc = group_accuracy(y_test, margins.predict(X_test),
-                                class_counts=letter.class_counts)["overall"]
-    assert margins.route(X_test).mean() < 2.0 and margins.relative_macs_ < 0.85
-    assert margin_acc >= full - 0.003
+    assert ride.route(X_test).mean() <= 1.5 and ride.relative_macs_ < 0.75
+    assert ride_acc["overall"] >= full - 0.003
+    official = ride.set_params(router_margin=False).fit_router(X, y)
+    official_acc = group_accuracy(y_test, official.predict(X_test),
+                                  class_counts=letter.class_counts)["overall"]
+    assert official.route(X_test).mean() < 2.0
+    assert official_acc >= full - 0.01
 
 
 def test_router_trains_on_the_augmented_normalised_stream(monkeypatch):
