@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,6 +100,21 @@ def validation_split(y: np.ndarray, *, seed: int, fraction: float = 0.2) -> np.n
             n_val = max(n_val, 1)
         val[members[:n_val]] = True
     return val
+
+
+def validation_folds(y: np.ndarray, seed: int, n_folds: int) -> list[np.ndarray]:
+    """Validation masks over the training labels ``y``: the one stratified 20 % split of
+    :func:`validation_split` (``n_folds=0``), or the held-out folds of a seeded stratified
+    ``n_folds``-fold cross-validation, which cover every sample exactly once."""
+    if n_folds == 0:
+        return [validation_split(y, seed=seed)]
+    splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    masks = []
+    for _, val_index in splitter.split(np.zeros(len(y)), y):
+        mask = np.zeros(len(y), dtype=bool)
+        mask[val_index] = True
+        masks.append(mask)
+    return masks
 
 
 def hardest_classes(data, *, epochs: int, seed: int) -> np.ndarray:

@@ -39,12 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import provenance_header, write_fragment, write_runs_csv  # noqa: E402
-from accuracy import validation_split  # noqa: E402
+from accuracy import validation_folds  # noqa: E402
 
 from ltroute._registry import make_estimator  # noqa: E402
 from ltroute.dqroute import DQRouteClassifier, partition_classes  # noqa: E402
@@ -133,20 +132,6 @@ def diagnose(out: dict, y_val: np.ndarray, counts: np.ndarray) -> dict:
         key = "" if delta == 0 else f"d{delta:+.2f}_"
         row |= {f"{key}{g}": v for g, v in scores.items()}
     return row
-
-
-def validation_folds(y: np.ndarray, seed: int, n_folds: int) -> list[np.ndarray]:
-    """Validation masks: one stratified 20 % split (``n_folds=0``), or the folds of a
-    seeded stratified ``n_folds``-fold cross-validation of the training split."""
-    if n_folds == 0:
-        return [validation_split(y, seed=seed)]
-    splitter = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-    masks = []
-    for _, val_index in splitter.split(np.zeros(len(y)), y):
-        mask = np.zeros(len(y), dtype=bool)
-        mask[val_index] = True
-        masks.append(mask)
-    return masks
 
 
 def load(args: argparse.Namespace):

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -46,7 +45,7 @@ from _provenance import (  # noqa: E402
     write_fragment,
     write_runs_csv,
 )
-from accuracy import DATASETS, load, validation_split  # noqa: E402
+from accuracy import DATASETS, load, validation_folds  # noqa: E402
 
 from ltroute._registry import make_estimator  # noqa: E402
 
@@ -54,26 +53,11 @@ from ltroute._registry import make_estimator  # noqa: E402
 TOLERANCE = 0.3
 
 
-def validation_parts(y: np.ndarray, *, seed: int, folds: int | None) -> list[np.ndarray]:
-    """Boolean validation masks over the training labels ``y``: the one 80 / 20 split of
-    ``accuracy.validation_split`` (``folds=None``), or the ``folds`` held-out folds of a
-    stratified K-fold split (seeded), which cover every sample exactly once."""
-    if folds is None:
-        return [validation_split(y, seed=seed)]
-    masks = []
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for _, held_out in splitter.split(np.zeros((len(y), 1)), y):
-        mask = np.zeros(len(y), dtype=bool)
-        mask[held_out] = True
-        masks.append(mask)
-    return masks
-
-
 def search(dataset: str, seed: int, args: argparse.Namespace) -> list[dict]:
     """Per validation part, one stage-1 fit on the rest, then one router per margin; a
     run per margin, scored over the pooled validation predictions of every part."""
     data = load(dataset, seed, args)
-    parts = validation_parts(data.y_train, seed=seed, folds=args.folds)
+    parts = validation_folds(data.y_train, seed, args.folds)
     y_val, all_experts, fit_s = [], [], 0.0
     routed = {margin: {"pred": [], "used": [], "train_experts": [], "router_s": 0.0}
               for margin in args.margins}
@@ -160,12 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", nargs="+", default=None, metavar="NAME",
                         help="render the runs stored under these names (no fitting)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--folds", type=int, default=None,
+    parser.add_argument("--folds", type=int, default=0,
                         help="stratified K-fold validation over the whole training split "
-                             "(K fits per seed) instead of one 80 / 20 split")
+                             "(K fits per seed) instead of one 80 / 20 split (0)")
     args = parser.parse_args(argv)
-    if args.folds is not None and args.folds < 2:
-        parser.error("--folds needs at least 2 folds")
+    if args.folds < 0 or args.folds == 1:
+        parser.error("--folds needs 0 (one 80 / 20 split) or at least 2 folds")
     if "cifar10" in args.datasets and args.cifar_root is None and args.merge is None:
         parser.error("--datasets cifar10 needs --cifar-root")
     if args.threads is not None:
@@ -184,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "fitted once per seed with `router=False` on 80 % of the long-tailed training "
         "split (stratified, seeded); `fit_router` then trains one router per "
         "`router_margin` on the same 80 % (0: the official targets). Balanced accuracy "
-        "(%) and experts per sample on the other 20 %" if args.folds is None else
+        "(%) and experts per sample on the other 20 %" if args.folds == 0 else
         f"fitted with `router=False` once per fold of a stratified {args.folds}-fold "
         "split of the long-tailed training split (seeded), on the other folds; "
         "`fit_router` then trains one router per `router_margin` on the same folds (0: "

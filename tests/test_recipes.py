@@ -15,10 +15,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
-from accuracy import validation_split  # noqa: E402
+from accuracy import validation_folds, validation_split  # noqa: E402
 from recipe_search import table  # noqa: E402
 from router_search import table as router_table  # noqa: E402
-from router_search import validation_parts  # noqa: E402
 
 
 def _data(n=240, n_features=6, seed=0):
@@ -102,15 +101,16 @@ def test_router_table_compares_each_margin_with_all_experts_per_seed():
     assert margin.endswith("| 1 of 2 |")  # seed 1 routes more than 1.5 experts
 
 
-def test_router_search_folds_validate_every_training_sample_once():
-    """``--folds K``: K stratified held-out folds that partition the training split (a
-    5-sample class lands once in each of 5 folds); without it, the one 80 / 20 mask."""
+def test_validation_folds_validate_every_training_sample_once():
+    """``--folds K`` of the router and DQRoute searches: K stratified held-out folds that
+    partition the training split (a 5-sample class lands once in each of 5 folds); with
+    0, the one 80 / 20 mask."""
     y = np.repeat(["a", "b", "c"], [40, 12, 5])
-    masks = validation_parts(y, seed=3, folds=5)
+    masks = validation_folds(y, 3, 5)
     assert len(masks) == 5
     assert np.array_equal(np.sum(masks, axis=0), np.ones(len(y)))
     per_fold = {c: sorted(int(np.sum(mask & (y == c))) for mask in masks) for c in "abc"}
     assert per_fold == {"a": [8] * 5, "b": [2, 2, 2, 3, 3], "c": [1] * 5}
-    assert not np.array_equal(masks[0], validation_parts(y, seed=4, folds=5)[0])
-    (single,) = validation_parts(y, seed=3, folds=None)
+    assert not np.array_equal(masks[0], validation_folds(y, 4, 5)[0])
+    (single,) = validation_folds(y, 3, 0)
     assert np.array_equal(single, validation_split(y, seed=3))
