@@ -323,14 +323,16 @@ class RIDEClassifier(LongTailNet):
     "no DRW" (the code crashes); routing features use ``F.normalize`` (the code divides
     by the norm without epsilon); in the network's inference mode dropout is off in
     stage 2 too (the code only freezes BatchNorm); no checkpoint is selected on the
-    test set (the last epoch is kept). The optimiser and schedule are the official ones
-    (SGD 0.1 with Nesterov momentum, weight decay 5e-4, warm-up and step decay), scaled
-    to ``max_epochs``.
+    test set (the last epoch is kept); the router's targets ask for half the label's
+    LDAM margin by default (``router_margin=False`` gives the code's, see below). The
+    optimiser and schedule are the official ones (SGD 0.1 with Nesterov momentum, weight
+    decay 5e-4, warm-up and step decay), scaled to ``max_epochs``.
 
-    Stage 2 (targets, router logits, loss and its gradients, class-balanced stream,
-    BatchNorm in eval mode, SGD and cosine schedule) and routed inference match the
-    official code (``tests/test_ride.py`` transcribes its EA forward). The router learns
-    from the training stream, and with weighted BCE its logit is positive where the rate
+    Stage 2 (targets with ``router_margin=False``, router logits, loss and its gradients,
+    class-balanced stream, BatchNorm in eval mode, SGD and cosine schedule) and routed
+    inference match the official code (``tests/test_ride.py`` transcribes its EA
+    forward). The router learns from the training stream, and with weighted BCE its
+    logit is positive where the rate
     ``q`` of "this prefix is wrong and a longer one right" exceeds
     ``1 / (1 + router_pos_weight)`` (1 %% at 100). When the experts fit the training set
     (small data, no augmentation), ``q`` is far lower there than on unseen data
