@@ -161,8 +161,8 @@ def _fuse_mean_logits(Z: torch.Tensor, energy_temperature: float,
         energy = -energy_temperature * torch.logsumexp(z / energy_temperature, dim=2)
         # A mean of logits: -inf stays -inf; NaN or +inf poison the row (below).
         log_probs = torch.log_softmax(z.mean(dim=1), dim=1)
-        poisoned = (torch.isnan(z) | (z == torch.inf)).flatten(1).any(dim=1, keepdim=True)
-        log_probs = log_probs.masked_fill(poisoned, float("nan"))
+        every = torch.ones((), dtype=torch.bool, device=z.device)  # every logit counts
+        log_probs = log_probs.masked_fill(_poisoned_rows(z, every), float("nan"))
         weights = torch.full((n_samples, n_experts), 1.0 / n_experts, dtype=compute_dtype,
                              device=z.device)
         return FusionResult(torch.exp(log_probs), energy, weights,

@@ -193,13 +193,18 @@ def test_nan_and_inf_logits_never_become_probabilities(weighting, combine):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("energy_temperature", [1.0, 2.5])
-def test_mean_logit_shortcut_equals_the_reference(dtype, energy_temperature):
+def test_mean_logit_shortcut_equals_the_reference(dtype, energy_temperature, monkeypatch):
     """Equal weights over every expert and class without gradients (RIDE's and the
     single-expert estimators' prediction) take a shortcut: the reference's values,
     non-finite logits included, and the reference's autograd path when a gradient is
     needed."""
+    import ltroute.fusion as fusion_module
     from ltroute.fusion import fuse_experts_reference
 
+    taken = []
+    shortcut = fusion_module._fuse_mean_logits
+    monkeypatch.setattr(fusion_module, "_fuse_mean_logits",
+                        lambda *args: taken.append(1) or shortcut(*args))
     Z, _, _ = nonfinite_case()
     Z = torch.cat([Z, torch.randn(3, 3, 5) * 30, torch.full((1, 3, 5), -torch.inf)])
     Z = Z.to(dtype)
@@ -215,10 +220,11 @@ def test_mean_logit_shortcut_equals_the_reference(dtype, energy_temperature):
             assert got.dtype == want.dtype
             assert_close(got, want, equal_nan=True)
         assert torch.isnan(out.probs).any(dim=1).nonzero().flatten().tolist() == nan_rows
+    assert len(taken) == 2  # both calls took the shortcut
     # A gradient needed: the reference's graph, whatever the grad mode of the caller.
     leaf = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
     out = fuse_experts(leaf, **options)
-    assert out.probs.grad_fn is not None
+    assert out.probs.grad_fn is not None and len(taken) == 2
     torch.autograd.grad(out.log_probs[:, 0].sum(), leaf)
 
 
