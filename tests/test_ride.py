@@ -14,6 +14,7 @@ from skorch.history import History
 from torch.testing import assert_close
 
 from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute.augmentation import ImageAugmentation
 from ltroute.datasets import long_tailed_counts
 from ltroute.losses import (
     distribution_aware_temperature,
@@ -247,6 +248,38 @@ def test_router_margin_scales_the_ldam_margins_of_the_targets(fitted, data, scal
     if scale == 2.5:  # wider margins: more "add an expert" targets
         clf.set_params(router_margin=1.0)
         assert targets.sum() > clf._router_batch(clf.router_module_, x, target)[1].sum()
+
+
+@pytest.mark.parametrize("augmented", [None, "parameter", "collate_fn"])
+def test_auto_router_margin_is_official_when_augmented_and_half_otherwise(augmented):
+    """router_margin="auto": the official targets (0) for an augmented training stream
+    (the ``augmentation`` parameter or an ImageAugmentation collate_fn), half the LDAM
+    margin otherwise; the stage-2 targets are those of the resolved value, which
+    ``router_margin_`` records, and a refit without router drops it."""
+    rng = np.random.RandomState(0)
+    X = rng.rand(64, 3, 8, 8).astype(np.float32)
+    y = np.repeat(np.arange(4), [32, 16, 10, 6])
+    X[np.arange(64), y % 3] += 0.25  # a weak per-class colour cue
+    extra = {"parameter": {"augmentation": "cifar"},
+             "collate_fn": {"iterator_train__collate_fn": ImageAugmentation()},
+             None: {}}[augmented]
+    clf = RIDEClassifier(max_epochs=2, router_epochs=1, batch_size=16, device="cpu",
+                         random_state=0, **extra).fit(X, y)
+    expected = 0.0 if augmented else 0.5
+    assert clf.router_margin == "auto" and clf.router_margin_ == expected
+    x, target = torch.as_tensor(X), torch.as_tensor(y)
+
+    def targets(router_margin):  # one stage-2 batch (the same random augmentation)
+        torch.manual_seed(0)
+        clf.set_params(router_margin=router_margin)
+        return clf._router_batch(clf.router_module_, x, target)[1]
+
+    other = 0.5 - expected  # the value "auto" did not take
+    assert torch.equal(targets("auto"), targets(expected))
+    assert not torch.equal(targets("auto"), targets(other))
+    assert clf.fit_router(X, y).router_margin_ == other
+    assert not hasattr(clf.set_params(router=False, max_epochs=1).fit(X, y),
+                       "router_margin_")
 
 
 def test_router_loss_weights_positive_targets():
@@ -547,6 +580,7 @@ def test_fit_router_rejects_bad_calls_and_changes_nothing(fitted, data, change, 
     with pytest.raises(error, match=match):
         clf.fit_router(*call(X, y))
     assert clf.router_module_ is router and clf.router_losses_ is losses
+    assert clf.router_margin_ == fitted.router_margin_ == 0.5
     for a, b in zip(_router_state(clf), state, strict=True):
         assert torch.equal(a, b)
 
@@ -632,8 +666,9 @@ def test_ride_beats_cross_entropy_on_letter_lt(letter):
     assert ride_acc["few"] >= ce_acc["few"] + 0.05
     # Routing. Measured over seeds 0, 1, 2 at 1 and 2 torch threads, routed minus the
     # same fit with all three experts, in points (experts per sample):
-    # - the default (half the LDAM margin): -0.12 / 0.00 / +0.08 (1.19 / 1.46 / 1.23) at
-    #   1 thread, -0.04 / -0.23 / +0.04 (1.39 / 1.21 / 1.32) at 2 threads;
+    # - the default ("auto": half the LDAM margin without augmentation): -0.12 / 0.00 /
+    #   +0.08 (1.19 / 1.46 / 1.23) at 1 thread, -0.04 / -0.23 / +0.04 (1.39 / 1.21 / 1.32)
+    #   at 2 threads;
     # - the official targets (router_margin=False, a new router on the same network by
     #   fit_router): -0.19 / -0.04 / 0.00 (1.03 / 1.40 / 1.39) at 1 thread, -0.48 / -0.75
     #   / -0.25 (1.00 each) at 2 threads: on clean training data that router sits at its
