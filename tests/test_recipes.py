@@ -17,6 +17,7 @@ sys.path.insert(0, str(BENCH))
 from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
 from accuracy import validation_folds, validation_split  # noqa: E402
 from recipe_search import table  # noqa: E402
+from router_holdout import table as holdout_table  # noqa: E402
 from router_search import table as router_table  # noqa: E402
 
 
@@ -99,6 +100,40 @@ def test_router_table_compares_each_margin_with_all_experts_per_seed():
     assert official.endswith("| 0 of 2 |")  # 1 and 2 points below all experts
     assert margin.startswith("| 1 | **85.0 ± 5.0** | +0.0 | 1.50 (1.40 / 1.60) |")
     assert margin.endswith("| 1 of 2 |")  # seed 1 routes more than 1.5 experts
+
+
+def test_holdout_table_scores_each_router_against_its_own_network_per_seed():
+    """``router_holdout.py``: routers are compared with the stage-1 network they route
+    (all experts, same seed), the default with its own fit; the goal needs both at most
+    1.5 experts and at most 0.3 points below."""
+    groups = {"many_experts": 1.0, "medium_experts": 1.2, "few_experts": 2.0}
+
+    def row(seed, router, margin, acc, experts, **extra):
+        return {"dataset": "mnist", "seed": seed, "router": router, "margin": margin,
+                "balanced_acc": acc, "experts": experts, "error_fit": 0.0,
+                "error_held_out": 2.5, **groups, **extra}
+
+    runs = [row(0, "none (all experts)", float("nan"), 90.0, 3.0),
+            row(1, "none (all experts)", float("nan"), 80.0, 3.0),
+            row(0, "fit part", 0.0, 89.0, 1.0), row(1, "fit part", 0.0, 80.0, 1.0),
+            row(1, "held-out part", 0.0, 79.8, 1.6), row(0, "held-out part", 0.0, 90.0, 1.4),
+            row(0, "default, whole training split", 0.5, 91.0, 1.2,
+                all_experts_same_fit=91.5),
+            row(1, "default, whole training split", 0.5, 85.0, 1.5,
+                all_experts_same_fit=85.0)]
+    lines = holdout_table(runs, "mnist")
+    assert lines[0] == ("Seeds [0, 1]. Stage-1 error with all experts on its own fit part: "
+                        "0.00 / 0.00 %; on the held-out part: 2.50 / 2.50 %.")
+    full, fit, held_out, default = lines[4:8]
+    assert full.startswith("| none (all experts) | – | 85.0 ± 5.0 | – |")
+    assert fit == ("| fit part | 0 | 84.5 ± 4.5 | -1.00 / +0.00 | 1.00 (1.00 / 1.00) | "
+                   "1.00 / 1.20 / 2.00 | 1 of 2 |")
+    assert held_out.startswith("| held-out part | 0 | 84.9 ± 5.1 | +0.00 / -0.20 | "
+                               "1.50 (1.40 / 1.60) |")
+    assert held_out.endswith("| 1 of 2 |")  # seed 1 routes more than 1.5 experts
+    assert default.startswith("| default, whole training split | 0.5 (auto) | 88.0 ± 3.0 "
+                              "| -0.50 / +0.00 |")
+    assert default.endswith("| 1 of 2 |")
 
 
 def test_validation_folds_validate_every_training_sample_once():
