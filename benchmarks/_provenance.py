@@ -25,7 +25,7 @@ RESULTS_FILE = BENCH_DIR / "RESULTS.md"
 ORDER = [
     "recipe_search_letter", "recipe_search_mnist", "accuracy_letter_shared", "accuracy_letter",
     "accuracy_mnist_shared", "accuracy_mnist", "accuracy_cifar10_shared", "accuracy_cifar10",
-    "router_search_letter_mnist", "router_search_cifar10",
+    "router_search_letter_mnist", "router_search_cifar10", "router_holdout",
     "cifar_lt", "overhead", "accuracy",
     "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed", "fusion",
 ]
