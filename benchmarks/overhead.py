@@ -9,10 +9,12 @@ else. ltroute's time is its whole ``fit`` (validation, skorch's loop and callbac
 convergence check and, after fewer than 44 steps, the BatchNorm recalibration; RIDE
 without its router stage, ``router=False``, which the plain loop has no counterpart of).
 Reported: samples per second of each and their ratio (ltroute time / plain time), the
-best of ``--repeats``, and the ratio of ltroute's epochs alone (skorch's training loop)
-to the plain loop. Several ``--images`` sizes give a row pair each: 768 images x 5
-epochs (30 steps) has the BatchNorm recalibration of short runs, 2560 (100 steps) does
-not.
+best of ``--repeats``, the ratio of ltroute's epochs alone (skorch's training loop)
+to the plain loop, and the median of the per-run ratios (each run times ltroute and
+then the plain loop: a paired figure that a slow stretch of a shared machine moves less
+than two separate minima of sub-second fits). Several ``--images`` sizes give a row
+pair each: 768 images x 5 epochs (30 steps) has the BatchNorm recalibration of short
+runs, 2560 (100 steps) does not.
 
 Usage (nothing else running; ``--threads`` torch threads)::
 
@@ -63,7 +65,9 @@ def plain_loop(clf, data, epochs: int, batch_size: int, loader_kwargs: dict) -> 
 
 def measure(make, X, y, dataset, epochs, batch_size, repeats, loader_kwargs):
     """(ltroute seconds, its epochs' seconds, plain seconds), each the best of
-    ``repeats``; the epochs are skorch's training loop alone (the sum of the history's
+    ``repeats``, and the median over the repeats of the paired ratio ltroute / plain
+    (each repeat runs the two back to back, so a slow stretch of the machine slows
+    both); the epochs are skorch's training loop alone (the sum of the history's
     ``dur``), without what ``fit`` does before and after it."""
     fits, loops, plains = [], [], []
     warm = make(random_state=0).set_params(max_epochs=1)  # first calls untimed
@@ -79,7 +83,8 @@ def measure(make, X, y, dataset, epochs, batch_size, repeats, loader_kwargs):
                 else dataset)
         torch.manual_seed(repeat)
         plains.append(plain_loop(clf, data, epochs, batch_size, loader_kwargs))
-    return min(fits), min(loops), min(plains)
+    paired = float(np.median(np.asarray(fits) / np.asarray(plains)))
+    return min(fits), min(loops), min(plains), paired
 
 
 def main() -> None:
@@ -147,7 +152,9 @@ def main() -> None:
              "from in-memory tensors and iterates a `DataLoader` over the image folder "
              "(same workers). Ratio = ltroute seconds / plain seconds (goal <= 1.10): "
              "of the whole `fit`, and of its epochs alone (skorch's training loop, the "
-             "sum of the history's `dur`); `fit` outside the epochs = input validation, "
+             "sum of the history's `dur`), each side's best run; *median paired ratio*: "
+             "the median over the runs of whole `fit` / plain loop of the same run (the "
+             "two run back to back); `fit` outside the epochs = input validation, "
              "network set-up and the end-of-fit checks: the convergence check (judged "
              "from the last epoch's training predictions, or else an inference pass that "
              "stops once the correct predictions reach the majority class's count) and, "
@@ -157,12 +164,12 @@ def main() -> None:
              "their starting values by 0.9^steps)."
              + (f" Image folder sizes ({sizes})." if steps else ""), "",
              "| data | estimator | samples/s ltroute | samples/s plain | ratio (fit) | "
-             "ratio (epochs) | fit outside the epochs (s) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for data, name, n, fit, loop, plain in rows:
+             "ratio (epochs) | median paired ratio (fit) | fit outside the epochs (s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for data, name, n, fit, loop, plain, paired in rows:
         lines.append(f"| {data} | {name} | {n * args.epochs / fit:,.0f} | "
                      f"{n * args.epochs / plain:,.0f} | {fit / plain:.2f} | "
-                     f"{loop / plain:.2f} | {fit - loop:.3f} |")
+                     f"{loop / plain:.2f} | {paired:.2f} | {fit - loop:.3f} |")
     path = write_fragment("overhead", "\n".join(lines) + "\n")
     print(path.read_text())
 
