@@ -135,6 +135,16 @@ def read_runs_csv(name: str) -> list[dict]:
         return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
 
 
+def _named_section(fragment: Path) -> str:
+    """A fragment's text with its file named in its heading: runs of one script on
+    several data sets or seeds share a title, and the name tells them apart."""
+    text = fragment.read_text(encoding="utf-8")
+    heading, newline, rest = text.partition("\n")
+    if not heading.startswith("## "):
+        return text
+    return f"{heading} (`results/{fragment.name}`){newline}{rest}"
+
+
 def write_results_index() -> Path:
     """Concatenate every fragment of ``results/`` into ``RESULTS.md``."""
     fragments = sorted(RESULTS_DIR.glob("*.md"),
@@ -144,6 +154,6 @@ def write_results_index() -> Path:
              "Generated from `benchmarks/results/*.md`; each section names the command, "
              "machine and versions that produced it. Re-run a section's command to refresh "
              "it.\n"]
-    parts += [p.read_text(encoding="utf-8") for p in fragments]
+    parts += [_named_section(p) for p in fragments]
     RESULTS_FILE.write_text("\n".join(parts), encoding="utf-8")
     return RESULTS_FILE

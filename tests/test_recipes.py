@@ -14,6 +14,7 @@ from ltroute.schedules import StepWarmupSchedule
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import _provenance  # noqa: E402
 from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
 from accuracy import validation_folds, validation_split  # noqa: E402
 from recipe_search import table  # noqa: E402
@@ -149,3 +150,19 @@ def test_validation_folds_validate_every_training_sample_once():
     assert not np.array_equal(masks[0], validation_folds(y, 4, 5)[0])
     (single,) = validation_folds(y, 3, 0)
     assert np.array_equal(single, validation_split(y, seed=3))
+
+
+def test_results_index_names_each_fragment_in_its_heading(tmp_path, monkeypatch):
+    """RESULTS.md: fragments in ``ORDER`` first, then alphabetically; two fragments with
+    one title (one script, two data sets) are told apart by their file names."""
+    monkeypatch.setattr(_provenance, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(_provenance, "RESULTS_FILE", tmp_path / "RESULTS.md")
+    for name in ("zeta", "recipe_search_mnist", "recipe_search_letter"):
+        (tmp_path / f"{name}.md").write_text("## Shared recipe search\n\nbody\n")
+    (tmp_path / "plain.md").write_text("no heading\n")
+    text = _provenance.write_results_index().read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert headings == ["## Shared recipe search (`results/recipe_search_letter.md`)",
+                        "## Shared recipe search (`results/recipe_search_mnist.md`)",
+                        "## Shared recipe search (`results/zeta.md`)"]
+    assert "\nno heading\n" in text and text.count("body") == 3
