@@ -35,18 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import provenance_header, write_fragment, write_runs_csv  # noqa: E402
 from accuracy import DATASETS, load, validation_split  # noqa: E402
+from router_search import GOAL_EXPERTS, TOLERANCE  # noqa: E402
 
 from ltroute._registry import make_estimator  # noqa: E402
 from ltroute.metrics import group_accuracy, shot_groups  # noqa: E402
 
-#: The router goal of issue 15: at most this many experts per sample ...
-GOAL_EXPERTS = 1.5
-#: ... within this many points of the same network with all experts.
-TOLERANCE = 0.3
 GROUPS = ("many", "medium", "few")
 
 
-def test_scores(clf, data, classes: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+def score_on_test_split(clf, data, classes: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     """Balanced accuracy and per-group accuracy (%) of ``clf`` on the test split, and
     experts per sample overall and per shot group (all experts without router)."""
     pred = clf.predict(data.X_test)
@@ -70,22 +67,24 @@ def run(dataset: str, seed: int, args: argparse.Namespace) -> list[dict]:
     classes, counts = np.unique(data.y_train, return_counts=True)
     held_out = validation_split(data.y_train, seed=seed, fraction=args.holdout)
     parts = {"fit part": ~held_out, "held-out part": held_out}
+    column = {"fit part": "error_fit", "held-out part": "error_held_out"}
     base = {"dataset": dataset, "seed": seed, "holdout": args.holdout}
 
     clf = make_estimator("ride", max_epochs=args.epochs, random_state=seed)
     clf.set_params(**data.settings, router=False)
     clf.fit(data.X_train[~held_out], data.y_train[~held_out])
-    errors = {f"error_{key.split()[0].replace('-', '_')}": 100 * float(np.mean(
-        clf.predict(data.X_train[mask]) != data.y_train[mask])) for key, mask in parts.items()}
+    errors = {column[part]: 100 * float(np.mean(clf.predict(data.X_train[mask])
+                                                 != data.y_train[mask]))
+              for part, mask in parts.items()}
     runs = [{**base, "router": "none (all experts)", "margin": float("nan"), **errors,
-             **test_scores(clf, data, classes, counts)}]
+             **score_on_test_split(clf, data, classes, counts)}]
     for part, mask in parts.items():
         for margin in args.margins:
             clf.set_params(router=True, router_margin=margin)
             clf.fit_router(data.X_train[mask], data.y_train[mask])
             runs.append({**base, "router": part, "margin": margin, **errors,
                          "experts_own_data": clf.expert_usage_,
-                         **test_scores(clf, data, classes, counts)})
+                         **score_on_test_split(clf, data, classes, counts)})
             print(f"{DATASETS[dataset][0]} seed {seed} router on the {part}, margin "
                   f"{margin:g}: {runs[-1]['balanced_acc']:.2f} % at "
                   f"{runs[-1]['experts']:.2f} experts (all experts "
@@ -94,8 +93,8 @@ def run(dataset: str, seed: int, args: argparse.Namespace) -> list[dict]:
 
     default = make_estimator("ride", max_epochs=args.epochs, random_state=seed)
     default.set_params(**data.settings).fit(data.X_train, data.y_train)
-    routed = test_scores(default, data, classes, counts)
-    all_experts = test_scores(default.set_params(router=False), data, classes, counts)
+    routed = score_on_test_split(default, data, classes, counts)
+    all_experts = score_on_test_split(default.set_params(router=False), data, classes, counts)
     runs.append({**base, "router": "default, whole training split",
                  "margin": default.router_margin_, **routed,
                  "all_experts_same_fit": all_experts["balanced_acc"]})
