@@ -24,6 +24,11 @@ Two ways to run it:
       /work/bin/heavy python benchmarks/cifar_lt.py /data/cifar10-jpeg \\
           --backbone convnet --epochs 30
 
+``--time-limit MIN`` bounds a side-by-side run (a lent GPU's minutes): fits still running
+then are stopped and the fragment lists each with the epoch it reached and its seconds per
+epoch, never a figure it did not produce. Each fit appends a line per epoch to
+``--epoch-log`` (a folder), which also shows how far a run that was killed got.
+
 Writes ``benchmarks/results/cifar_lt.md`` (``--name``) and refreshes RESULTS.md. The
 data are a JPEG copy of CIFAR-10: figures are labelled "CIFAR-10 (JPEG copy)".
 """
@@ -42,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skorch.callbacks import LRScheduler
+from skorch.callbacks import Callback, LRScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -92,6 +97,28 @@ def recipe_params(method: str, *, epochs: int, warmup_epochs: int, backbone: str
     }
 
 
+class EpochLog(Callback):
+    """Appends ``{"epoch": k, "dur": seconds}`` to ``path`` after every training epoch."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_epoch_end(self, net, **kwargs) -> None:
+        with open(self.path, "a") as log:
+            log.write(json.dumps({"epoch": len(net.history),
+                                  "dur": net.history[-1]["dur"]}) + "\n")
+
+
+def read_epoch_log(path: Path) -> tuple[int, float]:
+    """Epochs reached and their median seconds per epoch (0 and nan without a log)."""
+    if not path.exists():
+        return 0, float("nan")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return 0, float("nan")
+    return rows[-1]["epoch"], float(np.median([r["dur"] for r in rows]))
+
+
 def load_data(root: str) -> object:
     """CIFAR-10-LT from the image folder, normalised with the CIFAR statistics."""
     data = load_cifar_lt(root, n_classes=10, imbalance_ratio=100)
@@ -109,6 +136,10 @@ def run_one(method: str, data, args: argparse.Namespace) -> dict:
                                    backbone=args.backbone, batch_size=args.batch_size))
     if args.progress:
         clf.set_params(callbacks=[*clf.callbacks, ("progress", EpochProgressBar(desc=method))])
+    if args.epoch_log:
+        log = Path(args.epoch_log) / f"{method}.jsonl"
+        log.unlink(missing_ok=True)
+        clf.set_params(callbacks=[*clf.callbacks, ("epoch_log", EpochLog(str(log)))])
     start = time.perf_counter()
     clf.fit(data.X_train, data.y_train)
     fit_seconds = time.perf_counter() - start
@@ -122,21 +153,33 @@ def run_one(method: str, data, args: argparse.Namespace) -> dict:
             "device": str(next(clf.module_.parameters()).device)}
 
 
-def run_parallel(args: argparse.Namespace, argv: list[str]) -> list[dict]:
+def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict], object]:
     """One process per method, at most ``--jobs`` at a time (side by side on one GPU),
-    each with its share of the CPU cores as torch threads."""
+    each with its share of the CPU cores as torch threads; the data are loaded here (for
+    the fragment) while the children train. Past ``--time-limit`` the fits still running
+    are stopped and returned as ``{"method", "unfinished": True, "epochs_reached",
+    "epoch_s"}``; methods never started are left out."""
     results, pending, running = [], list(args.methods), []
     # The CPU cores shared out: each process at torch's default would take them all.
     threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(args.methods)))
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    deadline = (time.monotonic() + 60 * args.time_limit if args.time_limit
+                else float("inf"))
+    data = None
     with tempfile.TemporaryDirectory() as tmp:
+        epoch_log = Path(args.epoch_log or tmp)
+        epoch_log.mkdir(parents=True, exist_ok=True)
+        last_report = time.monotonic()
         while pending or running:
             while pending and len(running) < args.jobs:
                 method = pending.pop(0)
                 out = Path(tmp) / f"{method}.json"
                 command = [sys.executable, __file__, *argv, "--methods", method,
-                           "--jobs", "1", "--json", str(out), "--no-write"]
+                           "--jobs", "1", "--json", str(out), "--no-write",
+                           "--epoch-log", str(epoch_log), "--time-limit", "0"]
                 running.append((method, out, subprocess.Popen(command, env=env)))
+            if data is None:
+                data = load_data(args.root)
             time.sleep(1)
             for item in [r for r in running if r[2].poll() is not None]:
                 running.remove(item)
@@ -144,8 +187,20 @@ def run_parallel(args: argparse.Namespace, argv: list[str]) -> list[dict]:
                 if process.returncode != 0:
                     raise RuntimeError(f"{method} failed with exit code {process.returncode}")
                 results.extend(json.loads(out.read_text()))
+            if time.monotonic() - last_report >= 60 or (running and time.monotonic() > deadline):
+                last_report = time.monotonic()
+                print("  ".join(f"{m} epoch {read_epoch_log(epoch_log / f'{m}.jsonl')[0]}"
+                                for m, _, _ in running), flush=True)
+            if running and time.monotonic() > deadline:
+                for method, _, process in running:
+                    process.terminate()
+                    process.wait()
+                    reached, epoch_s = read_epoch_log(epoch_log / f"{method}.jsonl")
+                    results.append({"method": method, "unfinished": True,
+                                    "epochs_reached": reached, "epoch_s": epoch_s})
+                running, pending = [], []
     order = {m: i for i, m in enumerate(args.methods)}
-    return sorted(results, key=lambda r: order[r["method"]])
+    return sorted(results, key=lambda r: order[r["method"]]), data
 
 
 def label(args: argparse.Namespace) -> str:
@@ -178,6 +233,11 @@ def fragment(results: list[dict], args: argparse.Namespace, data, wall_s: float,
              "(recipe) | fit (min) | s / epoch |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
+        if r.get("unfinished"):
+            lines.append(f"| {r['method']} | not finished within the {args.time_limit:g}-min "
+                         f"limit: stopped after epoch {r['epochs_reached']} of {args.epochs} "
+                         f"| | | | {PUBLISHED[r['method']][0]} | – | {r['epoch_s']:.1f} |")
+            continue
         cells = " | ".join("–" if np.isnan(r[g]) else f"{100 * r[g]:.1f}" for g in GROUPS)
         value, source = PUBLISHED[r["method"]]
         lines.append(f"| {r['method']} | {cells} | {value} ({source}) | "
@@ -214,6 +274,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--name", default="cifar_lt", help="results fragment name")
     parser.add_argument("--progress", action="store_true", help="a progress bar per fit")
     parser.add_argument("--note", default="", help="a sentence added to the fragment")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="minutes; with --jobs, fits still running then are stopped "
+                        "and reported as unfinished (0: no limit)")
+    parser.add_argument("--epoch-log", help="folder: one line per training epoch per method")
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="do not write the fragment")
     args = parser.parse_args(argv)
@@ -221,15 +285,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.warmup_epochs = max(1, round(5 * args.epochs / RECIPE_EPOCHS))
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda"):
+        # Fixed 32x32 inputs: let cuDNN pick its fastest convolution algorithms.
+        torch.backends.cudnn.benchmark = True
 
     start = time.perf_counter()
     header = provenance_header(title(args), [sys.argv[0], *argv])  # the code that runs
-    data = load_data(args.root)
-    print(f"{DATA_LABEL}: CIFAR-10-LT, {len(data.y_train)} training images, "
-          f"{len(data.y_test)} test images; {label(args)}", flush=True)
     if args.jobs > 1 and len(args.methods) > 1:
-        results = run_parallel(args, [a for a in argv if a != "--progress"])
+        # The children get the parent's arguments less those the parent handles itself.
+        child_argv, skip = [], False
+        for a in argv:
+            if skip or a == "--progress" or a.startswith(("--time-limit=", "--epoch-log=")):
+                skip = False
+                continue
+            if a in ("--time-limit", "--epoch-log"):
+                skip = True
+                continue
+            child_argv.append(a)
+        results, data = run_parallel(args, child_argv)
     else:
+        data = load_data(args.root)
+        print(f"{DATA_LABEL}: CIFAR-10-LT, {len(data.y_train)} training images, "
+              f"{len(data.y_test)} test images; {label(args)}", flush=True)
         results = []
         for method in args.methods:
             results.append(run_one(method, data, args))

@@ -19,6 +19,12 @@ chosen on validation splits (``router_search.py``).
 Usage::
 
     python benchmarks/router_holdout.py --datasets letter mnist --seeds 0 1 2 --threads 1
+
+The protocol of issue 15 (ResNet-32, 40 epochs, MNIST-LT; on a GPU when there is one, the
+estimators' ``device="auto"``)::
+
+    python benchmarks/router_holdout.py --datasets mnist --backbone resnet32 --epochs 40 \\
+        --name router_holdout_resnet32
 """
 
 from __future__ import annotations
@@ -162,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout", type=float, default=0.2,
                         help="fraction of the training split held out of stage 1")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--backbone", help="override the data sets' backbone")
     parser.add_argument("--name", default="router_holdout")
     args = parser.parse_args(argv)
     if not 0 < args.holdout < 1:
         parser.error("--holdout must lie strictly between 0 and 1")
-    args.cifar_root, args.backbone = None, None  # what accuracy.load reads
+    args.cifar_root = None  # what accuracy.load reads
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     runs = [r for dataset in args.datasets for seed in args.seeds
@@ -175,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     text = provenance_header("RIDE router trained on held-out training samples (test "
                              "split, a report)", argv_used)
+    backbone = f", backbone {args.backbone!r}" if args.backbone else ""
     text += (f"{args.epochs} epochs, RIDE's registered configuration with each data set's "
-             f"handling; stage 1 (`router=False`) fitted on a stratified, seeded "
+             f"handling{backbone}; stage 1 (`router=False`) fitted on a stratified, seeded "
              f"{100 * (1 - args.holdout):g} % of the long-tailed training split (the fit "
              f"part), then `fit_router` per `router_margin` (0: the official targets) on "
              f"the fit part (as `fit` does) or on the held-out {100 * args.holdout:g} %, "
