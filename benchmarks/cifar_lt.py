@@ -133,7 +133,8 @@ def run_one(method: str, data, args: argparse.Namespace) -> dict:
                          device=args.device)
     clf.set_params(**recipe_params(method, epochs=args.epochs,
                                    warmup_epochs=args.warmup_epochs,
-                                   backbone=args.backbone, batch_size=args.batch_size))
+                                   backbone=args.backbone, batch_size=args.batch_size),
+                   precision=args.precision, channels_last=args.channels_last)
     if args.progress:
         clf.set_params(callbacks=[*clf.callbacks, ("progress", EpochProgressBar(desc=method))])
     if args.epoch_log:
@@ -204,10 +205,13 @@ def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict],
 
 
 def label(args: argparse.Namespace) -> str:
-    if args.epochs == RECIPE_EPOCHS and args.backbone == RECIPE_BACKBONE:
-        return "the papers' recipe"
-    return ("CPU proxy, not the recipe" if args.device == "cpu"
-            else "short run, not the recipe")
+    if args.device == "cpu":
+        return "CPU proxy, not the recipe"
+    if args.epochs != RECIPE_EPOCHS or args.backbone != RECIPE_BACKBONE:
+        return "short run, not the recipe"
+    if args.precision != "32":
+        return f"the papers' recipe under {args.precision} autocast (they train in fp32)"
+    return "the papers' recipe"
 
 
 def title(args: argparse.Namespace) -> str:
@@ -226,7 +230,8 @@ def fragment(results: list[dict], args: argparse.Namespace, data, wall_s: float,
              "weight decay 5e-4 (2e-4 for LDAM-DRW), batch "
              f"{args.batch_size}, {args.warmup_epochs} warm-up epoch(s), lr x0.01 after "
              f"{int(0.8 * args.epochs)} and {int(0.9 * args.epochs)} epochs, DRW from epoch "
-             f"{int(0.8 * args.epochs)}; random crop (padding 4) + flip; seed {args.seed}",
+             f"{int(0.8 * args.epochs)}; random crop (padding 4) + flip; seed {args.seed}; "
+             f"precision {args.precision}" + (", channels_last" if args.channels_last else ""),
              f"- whole run: {wall_s / 60:.1f} min wall-clock"
              + (f" ({args.jobs} processes side by side)" if args.jobs > 1 else ""), "",
              f"| method ({DATA_LABEL}) | overall | many | medium | few | published overall "
@@ -268,6 +273,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="default: 5 for 200 epochs, scaled (at least 1) otherwise")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32",
+                        help="the estimators' precision (the recipe: 32)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last memory format for the network")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes side by side, one method each (on one GPU)")
