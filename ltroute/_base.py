@@ -801,11 +801,17 @@ class LongTailNet(NeuralNetClassifier):
         priors, DRW weights, RIDE's temperatures), computed once per fit and device
         rather than on every batch: a training loss reads it, unchanged, at each step.
         Not pickled (it may live on a GPU)."""
-        key = (function, device, *sorted(kwargs.items()))
+        return self._fit_constant((function, *sorted(kwargs.items())), device,
+                                  lambda: function(self.class_counts_, **kwargs))
+
+    def _fit_constant(self, key, device, make) -> torch.Tensor:
+        """``make()`` moved to ``device``, cached under ``key`` until the next fit (or
+        module initialisation) drops the cache: a host-to-device copy at every training
+        step would also synchronise the GPU's stream."""
         cache = self.__dict__.setdefault("_count_statistics", {})
-        value = cache.get(key)
+        value = cache.get((key, device))
         if value is None:
-            value = cache[key] = function(self.class_counts_, **kwargs).to(device)
+            value = cache[(key, device)] = make().to(device)
         return value
 
     # --------------------------------------------------------------- inference

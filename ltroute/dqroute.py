@@ -778,6 +778,7 @@ class DQRouteClassifier(LongTailNet):
             shot_thresholds=self.shot_thresholds, region_overlap=self.region_overlap)
         self.membership_ = membership
         self.region_of_class_ = group
+        self.__dict__.pop("_count_statistics", None)  # device copies of the old regions
         self.expert_classes_ = [np.flatnonzero(row) for row in membership]
         self.energy_margins_ = self._resolve_energy_margins()
         self.class_weights_ = np.ones(len(self.classes_), dtype=np.float32)  # until updated
@@ -792,8 +793,8 @@ class DQRouteClassifier(LongTailNet):
                        sample_weight: torch.Tensor | None = None) -> torch.Tensor:
         membership = self._membership(logits.device)
         in_region = membership[:, y].T
-        weight = torch.as_tensor(self.class_weights_, dtype=logits.dtype, device=logits.device)
-        log_prior = log_class_prior(self.class_counts_).to(logits.device)
+        weight = self._class_weights_on(logits.device, logits.dtype)
+        log_prior = self._count_statistic(log_class_prior, logits.device)
         expert_logits = logits + self._prior_tau(self.expert_logit_adjust_tau) * log_prior
         loss = region_cross_entropy(expert_logits, y, membership, weight=weight,
                                     reduction=self.expert_loss_reduction,
@@ -875,4 +876,18 @@ class DQRouteClassifier(LongTailNet):
         return float(tau) if self.use_prior else 0.0
 
     def _membership(self, device: torch.device) -> torch.Tensor:
-        return torch.as_tensor(self.membership_, device=device)
+        """``membership_`` on ``device``, copied once per module initialisation."""
+        return self._fit_constant("membership", device,
+                                  lambda: torch.as_tensor(self.membership_))
+
+    def _class_weights_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``class_weights_`` on ``device``, copied again only when the array is replaced
+        (the difficulty callback assigns a new one per epoch; it is never changed in
+        place)."""
+        weights = self.class_weights_
+        cache = self.__dict__.setdefault("_count_statistics", {})
+        source, copy = cache.get(("class_weights", device, dtype), (None, None))
+        if source is not weights:  # the array itself is kept, so its identity is safe
+            copy = torch.as_tensor(weights, dtype=dtype).to(device)
+            cache[("class_weights", device, dtype)] = (weights, copy)
+        return copy

@@ -330,7 +330,10 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
     if expert_logits.ndim != 3:
         raise ValueError(f"expert_logits must have shape (B, K, C), got "
                          f"{tuple(expert_logits.shape)}.")
-    temp = torch.as_tensor(temperature, dtype=expert_logits.dtype, device=expert_logits.device)
+    # A number divides directly: a tensor made from it on a GPU would be a host-to-device
+    # copy, and a stream synchronisation, at every training step.
+    temp = (temperature.to(device=expert_logits.device, dtype=expert_logits.dtype)
+            if isinstance(temperature, torch.Tensor) else float(temperature))
     scaled = expert_logits / temp
     with torch.no_grad():
         # mean_k(z_k / T) = zbar / T: the ensemble distribution at the same temperature.
@@ -343,7 +346,7 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
         per_sample = F.kl_div(log_probs, log_target.expand_as(log_probs), reduction="none",
                               log_target=True).sum(dim=(1, 2))
         kl = weighted_mean(per_sample, None, sample_weight=sample_weight)
-    return temp.mean() ** 2 * kl
+    return (temp.mean() if isinstance(temp, torch.Tensor) else temp) ** 2 * kl
 
 
 def router_targets(expert_logits: torch.Tensor, target: torch.Tensor, *,

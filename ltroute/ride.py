@@ -686,11 +686,12 @@ class RIDEClassifier(LongTailNet):
                                         max_margin=self.ldam_max_margin)
         return ldam_loss(z, y, margins=margins, scale=self.head_scale, **weights)
 
-    def _temperature(self, per_class: bool, device=None) -> torch.Tensor:
-        """Diversity temperature on ``device``: ``alpha`` before DRW, per class from the
-        DRW epoch (computed once per fit)."""
+    def _temperature(self, per_class: bool, device=None) -> torch.Tensor | float:
+        """Diversity temperature: the number ``alpha`` before DRW (no tensor made on the
+        device at each step), per class on ``device`` from the DRW epoch (computed once
+        per fit)."""
         if not per_class:
-            return torch.tensor(float(self.diversity_temperature), device=device)
+            return float(self.diversity_temperature)
         return self._count_statistic(
             distribution_aware_temperature, device,
             base_temperature=self.diversity_temperature, reweight_factor=self.reweight_factor)

@@ -468,3 +468,23 @@ def test_dqroute_beats_cross_entropy_on_letter(letter):
     assert scores["dqroute"]["overall"] >= scores["ce"]["overall"] + 0.025
     assert scores["dqroute"]["few"] >= scores["ce"]["few"] + 0.07
     assert scores["dqroute"]["hardest"] >= scores["ce"]["hardest"] + 0.05
+
+
+def test_device_copies_follow_new_regions_and_replaced_class_weights(toy):
+    """The training loss reads the regions, class weights and prior from per-fit device
+    copies (no host-to-device copy per step); a refit with other regions and a replaced
+    ``class_weights_`` array (as the difficulty callback assigns) must be seen."""
+    X, y = toy
+    n_classes = len(np.unique(y))
+    cpu = torch.device("cpu")
+    clf = DQRouteClassifier(**FAST, n_experts=2).fit(X, y)
+    assert clf._membership(cpu).shape == (2, n_classes)
+    clf.set_params(n_experts=3).fit(X, y)
+    torch.testing.assert_close(clf._membership(cpu), torch.as_tensor(clf.membership_))
+    assert clf._membership(cpu).shape == (3, n_classes)
+    torch.testing.assert_close(clf._class_weights_on(cpu, torch.float32),
+                               torch.ones(n_classes))
+    clf.class_weights_ = np.linspace(0.5, 2.0, n_classes).astype(np.float32)
+    torch.testing.assert_close(clf._class_weights_on(cpu, torch.float32),
+                               torch.as_tensor(clf.class_weights_))
+    assert clf._class_weights_on(cpu, torch.float64).dtype == torch.float64

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import traceback
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conftest import process_reports
 from test_dataset_inputs import write_folder
 from torch.testing import assert_close
 
-from ltroute import LongTailClassifier, RIDEClassifier
+from ltroute import DQRouteClassifier, LongTailClassifier, RIDEClassifier
 
 
 def images(n=48, seed=0):
@@ -87,11 +88,47 @@ def test_batch_losses_are_read_back_once_per_epoch_as_floats():
         assert epoch["train_loss"] == pytest.approx(mean)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("cls, params", [
+#: Estimators whose training steps must stay free of host synchronisation: LDAM with
+#: DRW, RIDE after and before its DRW epoch (per-class and scalar diversity
+#: temperature), DQRoute (its regions, class weights and prior).
+SYNC_FREE = [
     (LongTailClassifier, {"loss": "ldam", "drw_epoch": 0}),
     (RIDEClassifier, {}),
-])
+    (RIDEClassifier, {"drw_epoch": None}),
+    (DQRouteClassifier, {}),
+]
+
+
+@pytest.mark.parametrize("cls, params", SYNC_FREE)
+def test_training_steps_make_no_tensor_from_host_data(cls, params, monkeypatch):
+    """After the first step, a step builds no tensor from host values (a NumPy array or
+    a number): on a GPU each would be a host-to-device copy, which synchronises the
+    stream (DQRoute copied its regions, class weights and prior, and RIDE its scalar
+    temperature, at every step until 4 December 2026). The CPU twin of the CUDA test
+    below, which needs a GPU."""
+    X, y = images(n=48)
+    clf = cls(backbone="resnet32", max_epochs=1, batch_size=16, random_state=0,
+              device="cpu", augmentation="cifar", **params).fit(X, y)
+    batch = next(iter(clf.get_iterator(clf.get_dataset(X, np.asarray(y)), training=True)))
+    clf._zero_grad_optimizer()
+    clf.train_step_single(batch)  # fills the per-fit caches
+    made = []
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        original = getattr(torch, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            made.append((_name, traceback.extract_stack(limit=2)[0].name))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, counting)
+    for _ in range(2):
+        clf._zero_grad_optimizer()
+        clf.train_step_single(batch)
+    assert made == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cls, params", SYNC_FREE)
 @pytest.mark.parametrize("precision", ["bf16", "16"])
 def test_no_host_synchronisation_inside_the_training_step(cls, params, precision):
     X, y = images(n=48)
