@@ -26,7 +26,8 @@ ORDER = [
     "recipe_search_letter", "recipe_search_mnist", "accuracy_letter_shared", "accuracy_letter",
     "accuracy_mnist_shared", "accuracy_mnist", "accuracy_cifar10_shared", "accuracy_cifar10",
     "router_search_letter_mnist", "router_search_cifar10", "router_holdout",
-    "cifar_lt", "overhead", "accuracy",
+    "router_holdout_resnet32_gpu", "cifar_lt", "cifar_lt_gpu", "cifar_lt_gpu_bf16_probe",
+    "overhead", "accuracy",
     "baselines", "ride_ablations", "dqroute_ablations", "scaling", "ride_speed", "fusion",
 ]
 
