@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _provenance  # noqa: E402
+import cifar_lt  # noqa: E402
 from _recipes import CANDIDATES, SHARED, Recipe, recipe_for  # noqa: E402
 from accuracy import validation_folds, validation_split  # noqa: E402
 from recipe_search import table  # noqa: E402
@@ -166,3 +167,32 @@ def test_results_index_names_each_fragment_in_its_heading(tmp_path, monkeypatch)
                         "## Shared recipe search (`results/recipe_search_mnist.md`)",
                         "## Shared recipe search (`results/zeta.md`)"]
     assert "\nno heading\n" in text and text.count("body") == 3
+
+
+def test_cifar_lt_reports_a_stopped_fit_by_the_epoch_it_reached(tmp_path):
+    """A fit stopped at ``--time-limit`` is listed with the epochs its log recorded and
+    their median duration, never with an accuracy; an autocast run is not "the recipe"."""
+    X, y = _data()
+    log = tmp_path / "ce.jsonl"
+    LongTailClassifier(hidden_sizes=(8,), max_epochs=3, random_state=0,
+                       callbacks=[("log", cifar_lt.EpochLog(str(log)))]).fit(X, y)
+    reached, epoch_s = cifar_lt.read_epoch_log(log)
+    assert reached == 3 and epoch_s > 0
+    assert cifar_lt.read_epoch_log(tmp_path / "none.jsonl")[0] == 0
+    args = cifar_lt.argparse.Namespace(
+        epochs=200, backbone="resnet32", precision="32", channels_last=False, device="cuda",
+        batch_size=128, warmup_epochs=5, seed=0, jobs=2, time_limit=8.5, note="")
+    data = cifar_lt.argparse.Namespace(class_counts={0: 5000, 1: 50}, y_test=np.zeros(20))
+    done = {"method": "ce", "overall": 0.704, "many": 0.8, "medium": 0.6,
+            "few": float("nan"), "fit_s": 600.0, "epoch_s": 3.0}
+    stopped = {"method": "ride", "unfinished": True, "epochs_reached": reached,
+               "epoch_s": epoch_s}
+    rows = [line for line in cifar_lt.fragment([done, stopped], args, data, 60.0, "## t\n")
+            .splitlines() if line.startswith("| ce") or line.startswith("| ride")]
+    assert rows[0].startswith("| ce | 70.4 | 80.0 | 60.0 | – |")
+    assert "stopped after epoch 3 of 200" in rows[1] and "%" not in rows[1]
+    assert cifar_lt.label(args) == "the papers' recipe"
+    args.precision = "bf16"
+    assert "bf16" in cifar_lt.label(args) and "the papers' recipe under" in cifar_lt.label(args)
+    args.epochs = 30
+    assert cifar_lt.label(args) == "short run, not the recipe"
