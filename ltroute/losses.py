@@ -24,6 +24,8 @@ References
 
 from __future__ import annotations
 
+from numbers import Real
+
 import torch
 import torch.nn.functional as F
 
@@ -332,8 +334,13 @@ def ride_diversity_loss(expert_logits: torch.Tensor, *,
                          f"{tuple(expert_logits.shape)}.")
     # A number divides directly: a tensor made from it on a GPU would be a host-to-device
     # copy, and a stream synchronisation, at every training step.
-    temp = (temperature.to(device=expert_logits.device, dtype=expert_logits.dtype)
-            if isinstance(temperature, torch.Tensor) else float(temperature))
+    if isinstance(temperature, Real):
+        temp = float(temperature)
+    elif isinstance(temperature, torch.Tensor):  # not copied when already on the device
+        temp = temperature.to(device=expert_logits.device, dtype=expert_logits.dtype)
+    else:  # per class, from an array or a list
+        temp = torch.as_tensor(temperature, dtype=expert_logits.dtype,
+                               device=expert_logits.device)
     scaled = expert_logits / temp
     with torch.no_grad():
         # mean_k(z_k / T) = zbar / T: the ensemble distribution at the same temperature.

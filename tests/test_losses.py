@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from ltroute.losses import (
     ldam_margins,
     log_class_prior,
     logit_adjusted_loss,
+    ride_diversity_loss,
     weighted_mean,
 )
 
@@ -104,3 +106,16 @@ def test_bad_class_counts(counts, match):
 def test_bad_beta():
     with pytest.raises(ValueError, match="beta"):
         effective_number_weights([1, 2], beta=1.0)
+
+
+def test_diversity_loss_takes_a_temperature_as_number_tensor_array_or_list():
+    """A scalar temperature divides as a number (no tensor made on the device per step);
+    every other form of the same temperature gives the same loss, and per class as well."""
+    z = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    reference = ride_diversity_loss(z, temperature=torch.tensor(1.5))
+    for same in (1.5, np.float32(1.5), np.full(5, 1.5), [1.5] * 5):
+        assert_close(ride_diversity_loss(z, temperature=same), reference)
+    per_class = torch.linspace(0.5, 2.0, 5)
+    assert_close(ride_diversity_loss(z, temperature=per_class.numpy()),
+                 ride_diversity_loss(z, temperature=per_class))
+    assert not torch.allclose(ride_diversity_loss(z, temperature=per_class), reference)
