@@ -29,6 +29,15 @@ then are stopped and the fragment lists each with the epoch it reached and its s
 epoch, never a figure it did not produce. Each fit appends a line per epoch to
 ``--epoch-log`` (a folder), which also shows how far a run that was killed got.
 
+``--resume-dir DIR`` lets the recipe span several leases: each fit saves its network,
+optimiser and history to ``DIR/<method>/state.pt`` after every epoch (written to a
+temporary file, then renamed, so a stopped process never leaves half a file), and a run
+with the same folder continues each unfinished fit from its last saved epoch (the
+learning-rate schedule and DRW read the restored history) and takes each finished fit's
+scores from ``DIR/<method>/result.json``. A resumed fit is not bit-identical to an
+uninterrupted one: the data order and augmentation restart from the seed, and callback
+state (DQRoute's difficulty statistics, when ``use_difficulty=True``) is not saved.
+
 Writes ``benchmarks/results/cifar_lt.md`` (``--name``) and refreshes RESULTS.md. The
 data are a JPEG copy of CIFAR-10: figures are labelled "CIFAR-10 (JPEG copy)".
 """
@@ -48,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from skorch.callbacks import Callback, LRScheduler
+from skorch.history import History
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -109,6 +119,53 @@ class EpochLog(Callback):
                                   "dur": net.history[-1]["dur"]}) + "\n")
 
 
+class TrainingState(Callback):
+    """Restores the network, optimiser and history from ``folder/state.pt`` at the start
+    of training when the file exists; :meth:`saver` is the callback that writes them.
+
+    List it before the learning-rate scheduler, whose ``on_train_begin`` reads the
+    restored history's length as its last epoch, and the saver last, so that the saved
+    epoch holds every callback's record (the scheduler's ``event_lr`` included)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    @property
+    def path(self) -> Path:
+        return Path(self.folder) / "state.pt"
+
+    def epochs_saved(self) -> int:
+        """Epochs in the saved history (0 without a saved state)."""
+        if not self.path.exists():
+            return 0
+        return len(torch.load(self.path, map_location="cpu", weights_only=False)["history"])
+
+    def on_train_begin(self, net, **kwargs) -> None:
+        if self.path.exists():
+            state = torch.load(self.path, map_location=net.device, weights_only=False)
+            net.module_.load_state_dict(state["params"])
+            net.optimizer_.load_state_dict(state["optimizer"])
+            net.history = History(state["history"])
+
+    def save(self, net) -> None:
+        """Write the state to a temporary file, then rename it over ``state.pt``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".tmp")
+        torch.save({"params": net.module_.state_dict(), "optimizer": net.optimizer_.state_dict(),
+                    "history": net.history.to_list()}, partial)
+        os.replace(partial, self.path)
+
+    def saver(self) -> Callback:
+        """A callback saving this state at the end of every epoch."""
+        state = self
+
+        class SaveTrainingState(Callback):
+            def on_epoch_end(self, net, **kwargs) -> None:
+                state.save(net)
+
+        return SaveTrainingState()
+
+
 def read_epoch_log(path: Path) -> tuple[int, float]:
     """Epochs reached and their median seconds per epoch (0 and nan without a log)."""
     if not path.exists():
@@ -141,17 +198,43 @@ def run_one(method: str, data, args: argparse.Namespace) -> dict:
         log = Path(args.epoch_log) / f"{method}.jsonl"
         log.unlink(missing_ok=True)
         clf.set_params(callbacks=[*clf.callbacks, ("epoch_log", EpochLog(str(log)))])
+    done = 0
+    if args.resume_dir:
+        state = TrainingState(str(Path(args.resume_dir) / method))
+        done = state.epochs_saved()
+        # First, so that the scheduler's on_train_begin sees the restored history; the
+        # saver last, so that each saved epoch holds every callback's record.
+        clf.set_params(callbacks=[("training_state", state), *clf.callbacks,
+                                  ("save_training_state", state.saver())])
+        if done:
+            print(f"{method}: resuming after epoch {done} of {args.epochs}", flush=True)
     start = time.perf_counter()
-    clf.fit(data.X_train, data.y_train)
+    # skorch's fit_loop takes ``epochs``: the rest of the schedule (max_epochs, which the
+    # DRW epoch and the end-of-training callbacks read, stays the recipe's).
+    clf.fit(data.X_train, data.y_train, epochs=args.epochs - done)
     fit_seconds = time.perf_counter() - start
+    restored = clf.history_[:done]
+    fit_seconds += sum(row["dur"] for row in restored)  # earlier runs' epochs
     with warnings.catch_warnings():  # "few" is empty on CIFAR-10-LT: reported as "–"
         warnings.simplefilter("ignore", EmptyGroupWarning)
         scores = group_accuracy(data.y_test, clf.predict(data.X_test),
                                 class_counts=data.class_counts)
     epoch_seconds = [row["dur"] for row in clf.history_]
-    return {"method": method, **{k: float(v) for k, v in scores.items()},
-            "fit_s": fit_seconds, "epoch_s": float(np.median(epoch_seconds)),
-            "device": str(next(clf.module_.parameters()).device)}
+    result = {"method": method, **{k: float(v) for k, v in scores.items()},
+              "fit_s": fit_seconds, "epoch_s": float(np.median(epoch_seconds)),
+              "device": str(next(clf.module_.parameters()).device),
+              "resumed_after": done, "epochs": len(clf.history_)}
+    if args.resume_dir:
+        (Path(args.resume_dir) / method / "result.json").write_text(json.dumps(result))
+    return result
+
+
+def finished_result(method: str, args: argparse.Namespace) -> dict | None:
+    """The scores a finished fit left in ``--resume-dir``, else ``None``."""
+    if not args.resume_dir:
+        return None
+    path = Path(args.resume_dir) / method / "result.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict], object]:
@@ -160,9 +243,11 @@ def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict],
     the fragment) while the children train. Past ``--time-limit`` the fits still running
     are stopped and returned as ``{"method", "unfinished": True, "epochs_reached",
     "epoch_s"}``; methods never started are left out."""
-    results, pending, running = [], list(args.methods), []
+    results = [r for r in map(lambda m: finished_result(m, args), args.methods) if r]
+    pending = [m for m in args.methods if finished_result(m, args) is None]
+    running = []
     # The CPU cores shared out: each process at torch's default would take them all.
-    threads = max(1, (os.cpu_count() or 1) // min(args.jobs, len(args.methods)))
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(pending))))
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     deadline = (time.monotonic() + 60 * args.time_limit if args.time_limit
                 else float("inf"))
@@ -257,6 +342,13 @@ def fragment(results: list[dict], args: argparse.Namespace, data, wall_s: float,
               "SGD for every method (RIDE's own code uses Nesterov momentum and adds 15° "
               "rotations). \"fit\" includes RIDE's router stage; \"s / epoch\" is the median "
               "training epoch."]
+    resumed = [r for r in results if r.get("resumed_after")]
+    if resumed:
+        lines += ["", "Continued from `--resume-dir` (saved network, optimiser and history of "
+                  "an earlier run; data order and augmentation restarted from the seed): "
+                  + "; ".join(f"{r['method']} after epoch {r['resumed_after']}"
+                              for r in resumed)
+                  + ". \"fit\" adds the earlier runs' epochs; \"whole run\" is this run's."]
     if args.note:
         lines += ["", args.note]
     return "\n".join(lines)
@@ -287,6 +379,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="minutes; with --jobs, fits still running then are stopped "
                         "and reported as unfinished (0: no limit)")
     parser.add_argument("--epoch-log", help="folder: one line per training epoch per method")
+    parser.add_argument("--resume-dir", help="folder: save every fit's state after each "
+                        "epoch, continue unfinished fits and reuse finished ones from it")
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--no-write", action="store_true", help="do not write the fragment")
     args = parser.parse_args(argv)
@@ -318,7 +412,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{len(data.y_test)} test images; {label(args)}", flush=True)
         results = []
         for method in args.methods:
-            results.append(run_one(method, data, args))
+            results.append(finished_result(method, args) or run_one(method, data, args))
             r = results[-1]
             print(f"{method:15s} " + "  ".join(f"{g} {100 * r[g]:5.1f}" for g in GROUPS)
                   + f"  fit {r['fit_s'] / 60:.1f} min ({r['epoch_s']:.1f} s/epoch) "

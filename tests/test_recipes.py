@@ -196,3 +196,57 @@ def test_cifar_lt_reports_a_stopped_fit_by_the_epoch_it_reached(tmp_path):
     assert "bf16" in cifar_lt.label(args) and "the papers' recipe under" in cifar_lt.label(args)
     args.epochs = 30
     assert cifar_lt.label(args) == "short run, not the recipe"
+
+
+def _ldam_drw_with_schedule(first=(), last=()):
+    """LDAM-DRW on rows with the recipe's kind of schedule (LambdaLR over 10 epochs)."""
+    from skorch.callbacks import LRScheduler
+
+    schedule = StepWarmupSchedule(10, warmup_epochs=2, gamma=0.01)
+    return LongTailClassifier(
+        loss="ldam", drw_epoch="auto", max_epochs=10, random_state=0, lr=0.1,
+        optimizer=torch.optim.SGD, optimizer__momentum=0.9, lr_schedule=None,
+        hidden_sizes=(16,), callbacks=[*first, ("lr_schedule", LRScheduler(
+            torch.optim.lr_scheduler.LambdaLR, lr_lambda=schedule)), *last])
+
+
+def test_cifar_lt_training_state_resumes_the_schedule_where_it_stopped(tmp_path):
+    """A fit stopped after 6 of 10 epochs and continued from its saved state runs the
+    last 4 epochs of the same schedule (learning rates as an uninterrupted fit's) from
+    the trained network, and every saved epoch holds the scheduler's record."""
+    X, y = _data(n=240)
+    full = _ldam_drw_with_schedule().fit(X, y)
+    state = cifar_lt.TrainingState(str(tmp_path / "ce"))
+    assert state.epochs_saved() == 0
+    first = _ldam_drw_with_schedule([("state", state)], [("save", state.saver())])
+    first.fit(X, y, epochs=6)
+    assert state.epochs_saved() == 6 and not list(tmp_path.rglob("*.tmp"))
+    resumed = _ldam_drw_with_schedule([("state", state)], [("save", state.saver())])
+    resumed.fit(X, y, epochs=4)
+    assert len(resumed.history_) == 10 and state.epochs_saved() == 10
+    assert resumed.history_[:, "event_lr"] == pytest.approx(full.history_[:, "event_lr"])
+    assert resumed.history_[:6, "train_loss"] == first.history_[:, "train_loss"]
+    # Epoch 7 starts from the trained network, not from a new one.
+    assert resumed.history_[6, "train_loss"] < 0.5 * full.history_[0, "train_loss"]
+
+
+@pytest.mark.slow
+def test_cifar_lt_resume_dir_reuses_finished_fits(tmp_path, monkeypatch):
+    """With --resume-dir, a finished fit's scores are saved and a second run takes them
+    instead of training again."""
+    from cifar_fixture import write_cifar
+
+    _, checksums = write_cifar(tmp_path, n_classes=10, n_train_per_class=100,
+                               n_test_per_class=3)
+    monkeypatch.setattr("ltroute.datasets._cifar._MD5", checksums)
+    argv = [str(tmp_path), "--backbone", "convnet", "--epochs", "2", "--methods", "ce",
+            "--device", "cpu", "--no-write", "--resume-dir", str(tmp_path / "state")]
+    (first,) = cifar_lt.main(argv)
+    assert first["epochs"] == 2 and first["resumed_after"] == 0
+    assert (tmp_path / "state" / "ce" / "result.json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fit was trained again")
+
+    monkeypatch.setattr(cifar_lt, "run_one", no_training)
+    assert repr(cifar_lt.main(argv)) == repr([first])  # "many" is NaN here
