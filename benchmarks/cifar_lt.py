@@ -242,9 +242,11 @@ def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict],
     each with its share of the CPU cores as torch threads; the data are loaded here (for
     the fragment) while the children train. Past ``--time-limit`` the fits still running
     are stopped and returned as ``{"method", "unfinished": True, "epochs_reached",
-    "epoch_s"}``; methods never started are left out."""
-    results = [r for r in map(lambda m: finished_result(m, args), args.methods) if r]
-    pending = [m for m in args.methods if finished_result(m, args) is None]
+    "epoch_s"}``, and so are methods not started by then; fits finished in an earlier
+    run of the same ``--resume-dir`` are taken from it."""
+    finished = {m: finished_result(m, args) for m in args.methods}
+    results = [r for r in finished.values() if r is not None]
+    pending = [m for m, r in finished.items() if r is None]
     running = []
     # The CPU cores shared out: each process at torch's default would take them all.
     threads = max(1, (os.cpu_count() or 1) // max(1, min(args.jobs, len(pending))))
@@ -284,7 +286,14 @@ def run_parallel(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict],
                     reached, epoch_s = read_epoch_log(epoch_log / f"{method}.jsonl")
                     results.append({"method": method, "unfinished": True,
                                     "epochs_reached": reached, "epoch_s": epoch_s})
+                for method in pending:  # never started: what an earlier run saved
+                    reached = (TrainingState(str(Path(args.resume_dir) / method))
+                               .epochs_saved() if args.resume_dir else 0)
+                    results.append({"method": method, "unfinished": True,
+                                    "epochs_reached": reached, "epoch_s": float("nan")})
                 running, pending = [], []
+    if data is None:  # every fit had finished in an earlier run
+        data = load_data(args.root)
     order = {m: i for i, m in enumerate(args.methods)}
     return sorted(results, key=lambda r: order[r["method"]]), data
 
