@@ -102,7 +102,7 @@ SYNC_FREE = [
 @pytest.mark.parametrize("cls, params", SYNC_FREE)
 def test_training_steps_make_no_tensor_from_host_data(cls, params, monkeypatch):
     """After the first step, a step builds no tensor from host values (a NumPy array or
-    a number): on a GPU each would be a host-to-device copy, which synchronises the
+    a number) and reads none back: on a GPU each would be a copy that synchronises the
     stream (DQRoute copied its regions, class weights and prior, and RIDE its scalar
     temperature, at every step until 4 December 2026). The CPU twin of the CUDA test
     below, which needs a GPU."""
@@ -121,9 +121,20 @@ def test_training_steps_make_no_tensor_from_host_data(cls, params, monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(torch, name, counting)
+    # ... nor reads a tensor back to the host (each a synchronisation on a GPU).
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__",
+                 "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting_read(self, *args, _original=original, _name=name, **kwargs):
+            made.append((_name, traceback.extract_stack(limit=2)[0].name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting_read)
     for _ in range(2):
         clf._zero_grad_optimizer()
         clf.train_step_single(batch)
+    monkeypatch.undo()
     assert made == []
 
 
