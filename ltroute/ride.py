@@ -732,7 +732,7 @@ class RIDEClassifier(LongTailNet):
             loader = self.iterator_train(dataset, batch_size=int(self.router_batch_size),
                                          sampler=epoch_order.tolist(), shuffle=False,
                                          **loader_params)
-            total = 0.0
+            total = 0.0  # a tensor on the loss's device after the first batch: read once
             for batch in loader:
                 Xb, yb = unpack_data(batch)
                 scores, targets = self._router_batch(router, split_sample_weight(Xb)[0], yb)
@@ -740,9 +740,9 @@ class RIDEClassifier(LongTailNet):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total += loss.item() * len(targets)
+                total = total + loss.detach() * len(targets)
             scheduler.step()
-            losses.append(total / n_samples)
+            losses.append(float(total) / n_samples)
             if self.verbose:
                 print(f"router epoch {len(losses)}/{self.router_epochs}: "
                       f"weighted BCE {losses[-1]:.4f}")
