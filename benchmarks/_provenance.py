@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -42,13 +43,30 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _working_tree_id() -> str:
+    """The git tree id of the working tree as it is (tracked and untracked files that
+    git does not ignore), from a temporary index: equal to ``<commit>^{tree}`` of the
+    commit whose files these are, so that a run on a copy of the tree (a lent GPU's
+    checkout, whose HEAD can be older) names the code it ran."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = os.environ | {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        for command in (["git", "add", "-A", "."], ["git", "write-tree"]):
+            out = subprocess.run(command, cwd=BENCH_DIR.parent, env=env, capture_output=True,
+                                 text=True, check=True, timeout=60)
+    return out.stdout.strip()
+
+
 def _git_commit() -> str:
+    """``HEAD``'s short hash; ``+dirty`` and the working tree's id when tracked files
+    differ from it (find the commit with ``git log --format='%h %T' | grep TREE``)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR,
                              capture_output=True, text=True, check=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        if not dirty.stdout.strip():
+            return out.stdout.strip()
+        return f"{out.stdout.strip()}+dirty (working tree {_working_tree_id()[:12]})"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

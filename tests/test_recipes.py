@@ -250,3 +250,30 @@ def test_cifar_lt_resume_dir_reuses_finished_fits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cifar_lt, "run_one", no_training)
     assert repr(cifar_lt.main(argv)) == repr([first])  # "many" is NaN here
+
+
+def test_provenance_names_the_tree_a_dirty_checkout_ran(tmp_path, monkeypatch):
+    """A run on a modified checkout records "+dirty" and the working tree's id, which is
+    the tree of the commit that later holds exactly these files (a lent GPU's checkout
+    has an older HEAD but the newest files)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "first")
+    monkeypatch.setattr(_provenance, "BENCH_DIR", tmp_path / "benchmarks")
+    assert _provenance._git_commit() == git("rev-parse", "--short", "HEAD")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    (tmp_path / "new.py").write_text("y = 3\n")  # untracked, not ignored: it ran too
+    recorded = _provenance._git_commit()
+    git("add", "-A")
+    git("commit", "-qm", "second")
+    assert recorded.startswith(git("rev-parse", "--short", "HEAD~1") + "+dirty (working tree ")
+    assert git("rev-parse", "HEAD^{tree}").startswith(recorded.split()[-1].rstrip(")"))
