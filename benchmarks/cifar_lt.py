@@ -404,17 +404,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     header = provenance_header(title(args), [sys.argv[0], *argv])  # the code that runs
     if args.jobs > 1 and len(args.methods) > 1:
-        # The children get the parent's arguments less those the parent handles itself.
-        child_argv, skip = [], False
-        for a in argv:
-            if skip or a == "--progress" or a.startswith(("--time-limit=", "--epoch-log=")):
-                skip = False
-                continue
-            if a in ("--time-limit", "--epoch-log"):
-                skip = True
-                continue
-            child_argv.append(a)
-        results, data = run_parallel(args, child_argv)
+        # No progress bars from processes side by side; the children's own --epoch-log
+        # and --time-limit 0 come last, so argparse takes them over the parent's.
+        results, data = run_parallel(args, [a for a in argv if a != "--progress"])
     else:
         data = load_data(args.root)
         print(f"{DATA_LABEL}: CIFAR-10-LT, {len(data.y_train)} training images, "

@@ -801,18 +801,21 @@ class LongTailNet(NeuralNetClassifier):
         priors, DRW weights, RIDE's temperatures), computed once per fit and device
         rather than on every batch: a training loss reads it, unchanged, at each step.
         Not pickled (it may live on a GPU)."""
-        return self._fit_constant((function, *sorted(kwargs.items())), device,
-                                  lambda: function(self.class_counts_, **kwargs))
+        counts = self.class_counts_
+        return self._fit_constant((function, *sorted(kwargs.items())), device, counts,
+                                  lambda: function(counts, **kwargs))
 
-    def _fit_constant(self, key, device, make) -> torch.Tensor:
-        """``make()`` moved to ``device``, cached under ``key`` until the next fit (or
-        module initialisation) drops the cache: a host-to-device copy at every training
-        step would also synchronise the GPU's stream."""
+    def _fit_constant(self, key, device, source, make) -> torch.Tensor:
+        """``make()`` moved to ``device`` and cached under ``key`` for as long as
+        ``source``, the fitted array it is made from, is the same object (a fit or a
+        module initialisation assigns a new one; none is changed in place). A
+        host-to-device copy at every training step would also synchronise a GPU's
+        stream. The cache keeps ``source`` itself, so its identity cannot be reused."""
         cache = self.__dict__.setdefault("_count_statistics", {})
-        value = cache.get((key, device))
-        if value is None:
-            value = cache[(key, device)] = make().to(device)
-        return value
+        cached = cache.get((key, device))
+        if cached is None or cached[0] is not source:
+            cached = cache[(key, device)] = (source, make().to(device))
+        return cached[1]
 
     # --------------------------------------------------------------- inference
     def _fused_outputs(self, X) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -778,7 +778,6 @@ class DQRouteClassifier(LongTailNet):
             shot_thresholds=self.shot_thresholds, region_overlap=self.region_overlap)
         self.membership_ = membership
         self.region_of_class_ = group
-        self.__dict__.pop("_count_statistics", None)  # device copies of the old regions
         self.expert_classes_ = [np.flatnonzero(row) for row in membership]
         self.energy_margins_ = self._resolve_energy_margins()
         self.class_weights_ = np.ones(len(self.classes_), dtype=np.float32)  # until updated
@@ -877,17 +876,13 @@ class DQRouteClassifier(LongTailNet):
 
     def _membership(self, device: torch.device) -> torch.Tensor:
         """``membership_`` on ``device``, copied once per module initialisation."""
-        return self._fit_constant("membership", device,
-                                  lambda: torch.as_tensor(self.membership_))
+        membership = self.membership_
+        return self._fit_constant("membership", device, membership,
+                                  lambda: torch.as_tensor(membership))
 
     def _class_weights_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``class_weights_`` on ``device``, copied again only when the array is replaced
-        (the difficulty callback assigns a new one per epoch; it is never changed in
-        place)."""
+        (the difficulty callback assigns a new one per epoch)."""
         weights = self.class_weights_
-        cache = self.__dict__.setdefault("_count_statistics", {})
-        source, copy = cache.get(("class_weights", device, dtype), (None, None))
-        if source is not weights:  # the array itself is kept, so its identity is safe
-            copy = torch.as_tensor(weights, dtype=dtype).to(device)
-            cache[("class_weights", device, dtype)] = (weights, copy)
-        return copy
+        return self._fit_constant(("class_weights", dtype), device, weights,
+                                  lambda: torch.as_tensor(weights, dtype=dtype))
